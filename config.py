@@ -1,0 +1,202 @@
+"""One typed configuration for the whole platform, with a `local` and a `production` profile.
+
+Every module receives the section it needs as a value (``settings.sessions``, ``settings.validation`` ...); nothing
+reads environment variables or module-level constants on its own. `load_settings` is the single place where the
+configuration file, the profile and the environment are merged, so that a run is reproducible from what it logs.
+
+Precedence (lowest first): defaults of the profile → ``sessionrec.toml`` (or the file given) → ``SESSIONREC_*``
+environment variables for the handful of values that differ per machine (state directory, URLs, keys).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Profile = Literal["local", "production"]
+
+#: Event types of the canonical schema; dataset-specific types are mapped onto these by the readers.
+CANONICAL_EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purchase")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestConfig(_Section):
+    """Row-level rules applied to every event, whatever its source (file or stream)."""
+
+    min_timestamp: str = Field("1995-01-01T00:00:00Z", description="events before this are implausible")
+    max_future_skew_minutes: int = Field(24 * 60, ge=0, description="how far past 'now' an event may be stamped")
+    max_id_length: int = Field(256, ge=8, le=4096)
+    max_field_length: int = Field(4096, ge=64, description="longer raw fields are quarantined, not truncated")
+    # Printable ASCII plus the usual id punctuation; control characters and whitespace are refused.
+    id_pattern: str = r"^[A-Za-z0-9_.:@/#+=\-]+$"
+    extra_event_types: tuple[str, ...] = Field(
+        (), description="event types accepted besides the canonical ones (dataset-specific, after mapping)"
+    )
+
+    @property
+    def known_event_types(self) -> tuple[str, ...]:
+        return CANONICAL_EVENT_TYPES + tuple(self.extra_event_types)
+
+
+class ValidationConfig(_Section):
+    """Dataset-level thresholds: crossing one fails the blocking asset check and stops the run."""
+
+    max_duplicate_rate: float = Field(0.2, ge=0, le=1, description="share of duplicate events in one batch")
+    max_quarantine_rate: float = Field(0.5, ge=0, le=1, description="share of rows quarantined in one batch")
+    gx_sample_rows: int = Field(100_000, ge=1_000, description="rows GX validates per batch (row checks run on all)")
+    max_session_length_check: int = Field(10_000, ge=2, description="no session longer than this after capping")
+    max_session_hours: float = Field(24 * 30, gt=0, description="sessions lasting longer than this are suspicious")
+
+
+class SessionConfig(_Section):
+    """Sessionization: how events become ordered sessions."""
+
+    timeout_minutes: float = Field(30.0, gt=0, description="inactivity gap that starts a new session for a user")
+    allowed_lateness_minutes: float = Field(
+        60.0, ge=0, description="an event arriving up to this much behind its session's newest event is reordered"
+    )
+
+    @property
+    def timeout(self) -> timedelta:
+        return timedelta(minutes=self.timeout_minutes)
+
+    @property
+    def allowed_lateness(self) -> timedelta:
+        return timedelta(minutes=self.allowed_lateness_minutes)
+
+
+class CleaningConfig(_Section):
+    """The standard next-item protocol's cleaning (GRU4Rec / session-rec)."""
+
+    drop_consecutive_repeats: bool = True
+    min_session_length: int = Field(2, ge=1)
+    min_item_support: int = Field(5, ge=1)
+    max_session_length: int = Field(200, ge=2, description="longer sessions keep their last N events")
+
+
+class SplitConfig(_Section):
+    """Temporal split by session end: the last days are the test set, the days before them validation."""
+
+    test_days: float = Field(1.0, gt=0)
+    valid_days: float = Field(1.0, gt=0)
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking and registry; the default is a SQLite file under the state directory."""
+
+    tracking_uri: str | None = Field(None, description="None: sqlite:///<home>/mlflow/mlflow.db")
+    experiment: str = "sessionrec"
+    registered_model: str = "sessionrec-recommender"
+
+
+class Settings(_Section):
+    profile: Profile = "local"
+    home: Path = Field(Path(".sessionrec"), description="state directory: lake, quarantine, Dagster, MLflow")
+    ingest: IngestConfig = IngestConfig()
+    validation: ValidationConfig = ValidationConfig()
+    sessions: SessionConfig = SessionConfig()
+    cleaning: CleaningConfig = CleaningConfig()
+    split: SplitConfig = SplitConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("home")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    # Derived locations: one function each, so that no module spells a path of its own.
+    @property
+    def lake_dir(self) -> Path:
+        return self.home / "lake"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.home / "quarantine"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.home / "outputs"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.tracking_uri or f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "mlflow" / "artifacts"
+
+
+_PROFILE_DEFAULTS: dict[Profile, dict[str, Any]] = {
+    "local": {},
+    # Production: shared servers instead of embedded files. URLs come from the environment (never from code).
+    "production": {"validation": {"gx_sample_rows": 200_000}},
+}
+
+#: Environment variables that override single values: (variable, dotted path in Settings).
+_ENV_OVERRIDES: tuple[tuple[str, str], ...] = (
+    ("SESSIONREC_HOME", "home"),
+    ("SESSIONREC_TRACKING_URI", "tracking.tracking_uri"),
+)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[leaf] = value
+
+
+def load_settings(
+    path: Path | None = None,
+    profile: Profile | None = None,
+    environ: dict[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build the settings of one run.
+
+    ``path`` defaults to ``sessionrec.toml`` in the working directory when it exists; ``overrides`` are section
+    dicts (``sessions={"timeout_minutes": 10}``) applied last, for the CLI flags.
+    """
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    config_path = path or (Path("sessionrec.toml") if Path("sessionrec.toml").is_file() else None)
+    if config_path is not None:
+        if not config_path.is_file():
+            raise FileNotFoundError(f"configuration file {config_path} does not exist")
+        with config_path.open("rb") as handle:
+            try:
+                data = tomllib.load(handle)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"configuration file {config_path} is not valid TOML: {exc}") from exc
+    chosen: Profile = profile or env.get("SESSIONREC_PROFILE") or data.get("profile", "local")  # type: ignore[assignment]
+    if chosen not in _PROFILE_DEFAULTS:
+        raise ValueError(f"unknown profile {chosen!r}; choose one of {sorted(_PROFILE_DEFAULTS)}")
+    data = _deep_merge(_PROFILE_DEFAULTS[chosen], data)
+    data["profile"] = chosen
+    for variable, dotted in _ENV_OVERRIDES:
+        if env.get(variable):
+            _set_dotted(data, dotted, env[variable])
+    data = _deep_merge(data, {k: v for k, v in overrides.items() if v is not None})
+    return Settings.model_validate(data)

@@ -1,0 +1,1 @@
+"""Session recommenders: baselines, session-kNN family, neural sequence models and their hybrid."""
