@@ -38,7 +38,7 @@ class IngestConfig(_Section):
     # Printable ASCII plus the usual id punctuation; control characters and whitespace are refused.
     id_pattern: str = r"^[A-Za-z0-9_.:@/#+=\-]+$"
     extra_event_types: tuple[str, ...] = Field(
-        (), description="event types accepted besides the canonical ones (dataset-specific, after mapping)"
+        ("remove_from_cart",), description="event types accepted besides the canonical ones (dataset-specific, after mapping)"
     )
 
     @property
@@ -89,6 +89,31 @@ class SplitConfig(_Section):
     valid_days: float = Field(1.0, gt=0)
 
 
+class GeneratorConfig(_Section):
+    """The synthetic session generator: the demo's embedded data and the scale tests' input.
+
+    Deterministic for a given seed. Drift options shift the distribution from ``drift_start_day`` on, so that
+    monitoring has something real to detect.
+    """
+
+    n_events: int = Field(200_000, ge=1, le=50_000_000)
+    n_items: int = Field(5_000, ge=10)
+    n_categories: int = Field(50, ge=1)
+    n_users: int = Field(20_000, ge=1)
+    days: int = Field(14, ge=1)
+    start: str = "2026-01-01T00:00:00Z"
+    seed: int = 42
+    with_session_ids: bool = Field(True, description="False: only user ids, sessions derived by timeout")
+    mean_session_length: float = Field(6.0, gt=1)
+    popularity_exponent: float = Field(1.1, gt=0, description="Zipf exponent of item popularity")
+    follow_probability: float = Field(0.55, ge=0, le=1, description="next click follows a learned transition")
+    repeat_probability: float = Field(0.08, ge=0, le=1, description="the same item again (repeat view)")
+    category_switch_probability: float = Field(0.1, ge=0, le=1, description="jump to another category")
+    drift_start_day: int | None = Field(None, ge=0, description="day from which the drift options apply")
+    drift_new_items: float = Field(0.0, ge=0, le=1, description="share of events on items new at the drift")
+    drift_popularity_shift: float = Field(0.0, ge=0, le=1, description="share of popularity mass rotated")
+
+
 class TrackingConfig(_Section):
     """MLflow tracking and registry; the default is a SQLite file under the state directory."""
 
@@ -106,6 +131,7 @@ class Settings(_Section):
     cleaning: CleaningConfig = CleaningConfig()
     split: SplitConfig = SplitConfig()
     tracking: TrackingConfig = TrackingConfig()
+    generator: GeneratorConfig = GeneratorConfig()
 
     @field_validator("home")
     @classmethod
