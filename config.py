@@ -122,6 +122,17 @@ class TrackingConfig(_Section):
     registered_model: str = "sessionrec-recommender"
 
 
+class PromotionConfig(_Section):
+    """The automatic gate between the `challenger` and `champion` aliases of the registry."""
+
+    metric: str = Field("mrr@20", description="metric compared on the same test split")
+    max_relative_drop: float = Field(0.01, ge=0, le=1, description="challenger may be this much worse (relative)")
+    max_latency_ms: float = Field(50.0, gt=0, description="p99 scoring latency per request the challenger must meet")
+    min_lift_over_popularity: float = Field(
+        0.0, ge=0, description="the challenger must beat the popularity baseline's metric by this much (absolute)"
+    )
+
+
 class Settings(_Section):
     profile: Profile = "local"
     home: Path = Field(Path(".sessionrec"), description="state directory: lake, quarantine, Dagster, MLflow")
@@ -132,6 +143,7 @@ class Settings(_Section):
     split: SplitConfig = SplitConfig()
     tracking: TrackingConfig = TrackingConfig()
     generator: GeneratorConfig = GeneratorConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
     @field_validator("home")
     @classmethod
