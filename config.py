@@ -25,7 +25,7 @@ CANONICAL_EVENT_TYPES: tuple[str, ...] = ("view", "click", "add_to_cart", "purch
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class IngestConfig(_Section):
