@@ -1,0 +1,178 @@
+"""`sessionrec`: the command-line interface, above everything else.
+
+Each command parses flags into the typed settings (config.py) and calls the same functions the Dagster assets
+call. Heavy libraries are imported inside the commands so that `sessionrec --help` stays instant.
+Errors a user can act on (`SessionrecError`, bad flags) print one clear line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError as PydanticValidationError
+from rich.console import Console
+from rich.table import Table
+
+from sessionrec.config import Settings, load_settings
+from sessionrec.ops.errors import SessionrecError
+
+app = typer.Typer(
+    name="sessionrec",
+    help="MLOps platform for session-based recommendation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="settings file (TOML); default ./sessionrec.toml")]
+ProfileOpt = Annotated[str | None, typer.Option("--profile", help="local | production")]
+HomeOpt = Annotated[Path | None, typer.Option("--home", help="state directory (lake, Dagster, MLflow)")]
+
+
+def _settings(config: Path | None, profile: str | None, home: Path | None, **sections: Any) -> Settings:
+    overrides: dict[str, Any] = {k: v for k, v in sections.items() if v}
+    if home is not None:
+        overrides["home"] = home
+    return load_settings(config, profile=profile, **overrides)  # type: ignore[arg-type]
+
+
+def _prepare_dagster_home(settings: Settings) -> Path:
+    """Dagster's storage stays under the project's state directory, with telemetry off."""
+    home = settings.dagster_home
+    home.mkdir(parents=True, exist_ok=True)
+    yaml = home / "dagster.yaml"
+    if not yaml.exists():
+        yaml.write_text("telemetry:\n  enabled: false\n")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option("--out", help="output file: .parquet, .csv, .tsv or .jsonl")],
+    events: Annotated[int, typer.Option("--events", min=1, max=50_000_000, help="number of events")] = 200_000,
+    items: Annotated[int, typer.Option("--items", min=10)] = 5_000,
+    days: Annotated[int, typer.Option("--days", min=1)] = 14,
+    seed: Annotated[int, typer.Option("--seed")] = 42,
+    no_session_ids: Annotated[bool, typer.Option("--no-session-ids", help="only user ids (sessions derived)")] = False,
+    drift_start_day: Annotated[int | None, typer.Option("--drift-start-day", min=0)] = None,
+    drift_new_items: Annotated[float, typer.Option("--drift-new-items", min=0, max=1)] = 0.0,
+    drift_popularity_shift: Annotated[float, typer.Option("--drift-popularity-shift", min=0, max=1)] = 0.0,
+) -> None:
+    """Generate synthetic sessions (deterministic by seed) with learnable sequential structure."""
+    from tqdm import tqdm
+
+    from sessionrec.config import GeneratorConfig
+    from sessionrec.ops.generate import generate_events, write_events
+
+    cfg = GeneratorConfig(
+        n_events=events, n_items=items, days=days, seed=seed, with_session_ids=not no_session_ids,
+        drift_start_day=drift_start_day, drift_new_items=drift_new_items,
+        drift_popularity_shift=drift_popularity_shift,
+    )
+    with tqdm(total=events, unit="ev", unit_scale=True, desc="generate", disable=not sys.stderr.isatty()) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
+        frame = generate_events(cfg, progress=progress)
+    path = write_events(frame, out)
+    console.print(f"wrote {frame.height:,} events, {frame['item_id'].n_unique():,} items to {path}")
+
+
+@app.command()
+def split(
+    events: Annotated[list[Path], typer.Option("--events", help="event file(s) or directory")],
+    out: Annotated[Path, typer.Option("--out", help="output directory")],
+    fmt: Annotated[str, typer.Option("--format", help="auto or a format name (see `sessionrec formats`)")] = "auto",
+    mapping: Annotated[str, typer.Option("--map", help="column mapping for generic files: item_id=col,...")] = "",
+    test_days: Annotated[float, typer.Option("--test-days", min=0.001)] = 1.0,
+    valid_days: Annotated[float, typer.Option("--valid-days", min=0.001)] = 1.0,
+    timeout_minutes: Annotated[float | None, typer.Option("--timeout-minutes", min=0.01)] = None,
+    keep_repeats: Annotated[bool, typer.Option("--keep-repeats", help="keep consecutive repeats")] = False,
+    min_item_support: Annotated[int | None, typer.Option("--min-item-support", min=1)] = None,
+    min_session_length: Annotated[int | None, typer.Option("--min-session-length", min=1)] = None,
+    max_session_length: Annotated[int | None, typer.Option("--max-session-length", min=2)] = None,
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Read events, validate, sessionize, clean and write train/train_tr/valid/test TSVs and stats.json."""
+    from sessionrec.ops.pipeline import events_to_split
+
+    base = _settings(config, profile, home)
+    cleaning = base.cleaning.model_copy(
+        update={k: v for k, v in {
+            "drop_consecutive_repeats": False if keep_repeats else None,
+            "min_item_support": min_item_support,
+            "min_session_length": min_session_length,
+            "max_session_length": max_session_length,
+        }.items() if v is not None}
+    )
+    settings = base.model_copy(update={
+        "cleaning": cleaning,
+        "split": base.split.model_copy(update={"test_days": test_days, "valid_days": valid_days}),
+        "sessions": base.sessions.model_copy(
+            update={"timeout_minutes": timeout_minutes} if timeout_minutes else {}
+        ),
+    })
+    outcome = events_to_split(events, fmt=fmt, mapping=mapping, settings=settings, out_dir=out)
+    table = Table(title=f"split written to {out}")
+    for column in ("file", "events", "sessions", "items"):
+        table.add_column(column, justify="left" if column == "file" else "right")
+    for name, counts in outcome.split.stats["files"].items():
+        table.add_row(f"{name}.tsv", f"{counts['events']:,}", f"{counts['sessions']:,}", f"{counts['items']:,}")
+    console.print(table)
+    console.print(f"quarantined rows: {outcome.quarantine_counts or 'none'} → {outcome.quarantine_path}")
+
+
+@app.command()
+def run(
+    input_paths: Annotated[list[Path] | None, typer.Option("--input", help="event file(s); default: synthetic")] = None,
+    fmt: Annotated[str, typer.Option("--format")] = "auto",
+    mapping: Annotated[str, typer.Option("--map")] = "",
+    events: Annotated[int | None, typer.Option("--events", min=1_000, help="synthetic events to generate")] = None,
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """The main job: run the whole Dagster asset graph in-process and print a summary."""
+    from sessionrec.assets.runner import print_summary, run_main_job
+
+    settings = _settings(config, profile, home)
+    if events is not None:
+        settings = settings.model_copy(update={"generator": settings.generator.model_copy(update={"n_events": events})})
+    _prepare_dagster_home(settings)
+    outcome = run_main_job(settings, [str(p) for p in input_paths or []], fmt=fmt, mapping=mapping)
+    print_summary(outcome, console)
+    if not outcome.success:
+        raise typer.Exit(1)
+
+
+@app.command()
+def formats() -> None:
+    """List the input formats `--format` accepts."""
+    from sessionrec.ops.readers import FORMATS
+
+    console.print("auto (detect), " + ", ".join(FORMATS))
+
+
+def main() -> None:
+    """Console entry point: user errors become one clear line and exit status 2, never a traceback."""
+    try:
+        app()
+    except SessionrecError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+    except (FileNotFoundError, PydanticValidationError) as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The standard next-item protocol: cleaning and a temporal train/validation/test split.
+
+Cleaning (each step configurable, each step's removals counted in the stats):
+  1. consecutive repeats of the same item inside a session are dropped (option),
+  2. very long sessions keep their *last* ``max_session_length`` events,
+  3. repeated until nothing changes: sessions shorter than ``min_session_length`` and items with fewer than
+     ``min_item_support`` occurrences are removed (removing one can push the other under its bar).
+
+Split (as GRU4Rec and session-rec do it): a session belongs to the test set when it *ends* in the last
+``test_days`` days of the data. Test events on items the training part never saw are removed, and test sessions
+left shorter than 2 are dropped. The same split inside the training part gives the validation set: ``train_tr``
+(train minus validation) is what models learn from during tuning/early stopping, ``valid`` what they are tuned on,
+and ``train`` (everything before the test days) what the final model learns from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from sessionrec.config import CleaningConfig, SplitConfig
+
+SPLIT_FILES = ("train", "train_tr", "valid", "test")
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    train: pl.DataFrame  # session_id, item_id, timestamp (sorted by session, then time)
+    train_tr: pl.DataFrame
+    valid: pl.DataFrame
+    test: pl.DataFrame
+    stats: dict = field(default_factory=dict)
+
+    def parts(self) -> dict[str, pl.DataFrame]:
+        return {"train": self.train, "train_tr": self.train_tr, "valid": self.valid, "test": self.test}
+
+
+def _counts(frame: pl.DataFrame) -> dict[str, int]:
+    return {
+        "events": frame.height,
+        "sessions": frame["session_id"].n_unique() if frame.height else 0,
+        "items": frame["item_id"].n_unique() if frame.height else 0,
+    }
+
+
+def _step(name: str, before: pl.DataFrame, after: pl.DataFrame) -> dict[str, int | str]:
+    b, a = _counts(before), _counts(after)
+    return {
+        "step": name,
+        "events_removed": b["events"] - a["events"],
+        "sessions_removed": b["sessions"] - a["sessions"],
+        "items_removed": b["items"] - a["items"],
+    }
+
+
+def _drop_short_sessions(frame: pl.DataFrame, min_length: int) -> pl.DataFrame:
+    return frame.filter(pl.len().over("session_id") >= min_length)
+
+
+def clean(sessions: pl.DataFrame, cfg: CleaningConfig) -> tuple[pl.DataFrame, list[dict]]:
+    """Apply the protocol's cleaning to ordered sessions (``session_id, item_id, timestamp`` at least)."""
+    steps: list[dict] = []
+    frame = sessions.select("session_id", "item_id", "timestamp").sort(
+        ["session_id", "timestamp"], maintain_order=True
+    )
+    if cfg.drop_consecutive_repeats:
+        kept = frame.filter(
+            (pl.col("item_id") != pl.col("item_id").shift(1).over("session_id")).fill_null(True)
+        )
+        steps.append(_step("drop_consecutive_repeats", frame, kept))
+        frame = kept
+    capped = frame.filter(
+        pl.int_range(pl.len()).reverse().over("session_id") < cfg.max_session_length
+    )
+    steps.append(_step(f"cap_session_length_{cfg.max_session_length}", frame, capped))
+    frame = capped
+    for iteration in range(100):
+        before = frame
+        shorter = _drop_short_sessions(frame, cfg.min_session_length)
+        steps.append(_step(f"drop_sessions_shorter_than_{cfg.min_session_length}#{iteration}", frame, shorter))
+        rare = shorter.filter(pl.len().over("item_id") >= cfg.min_item_support)
+        steps.append(_step(f"drop_items_with_support_below_{cfg.min_item_support}#{iteration}", shorter, rare))
+        frame = rare
+        if frame.height == before.height:
+            break
+    final = _drop_short_sessions(frame, cfg.min_session_length)
+    # Keep the log short: iterations that removed nothing are folded away.
+    steps = [s for s in steps if s["events_removed"] or s["sessions_removed"] or s["items_removed"]]
+    return final, steps
+
+
+def _temporal(frame: pl.DataFrame, days: float) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """Split off the sessions that end in the last ``days`` days; filter them to items seen before."""
+    if frame.is_empty():
+        return frame, frame, {"cutoff": None, "unknown_item_events_removed": 0, "short_sessions_removed": 0}
+    ends = frame.group_by("session_id").agg(pl.col("timestamp").max().alias("_end"))
+    cutoff_value = ends.select(pl.col("_end").max() - pl.duration(microseconds=int(days * 86_400e6))).item()
+    later = ends.filter(pl.col("_end") > cutoff_value).select("session_id")
+    before = frame.join(later, on="session_id", how="anti")
+    after = frame.join(later, on="session_id", how="semi")
+    known = before.select("item_id").unique()
+    after_known = after.join(known, on="item_id", how="semi")
+    after_final = _drop_short_sessions(after_known, 2)
+    info = {
+        "cutoff": cutoff_value.isoformat(),
+        "unknown_item_events_removed": after.height - after_known.height,
+        "short_sessions_removed": (after_known["session_id"].n_unique() if after_known.height else 0)
+        - (after_final["session_id"].n_unique() if after_final.height else 0),
+    }
+    return before, after_final, info
+
+
+def make_split(sessions: pl.DataFrame, cleaning: CleaningConfig, split: SplitConfig) -> SplitResult:
+    """Clean, then split by time into train / train_tr / valid / test, with the counts of every step."""
+    raw_counts = _counts(sessions)
+    cleaned, steps = clean(sessions, cleaning)
+    train, test, test_info = _temporal(cleaned, split.test_days)
+    train_tr, valid, valid_info = _temporal(train, split.valid_days)
+    result = SplitResult(train=train, train_tr=train_tr, valid=valid, test=test)
+    stats = {
+        "input": raw_counts,
+        "cleaning": steps,
+        "after_cleaning": _counts(cleaned),
+        "test_split": {"test_days": split.test_days, **test_info},
+        "valid_split": {"valid_days": split.valid_days, **valid_info},
+        "files": {name: _counts(part) for name, part in result.parts().items()},
+        "next_item_predictions": {
+            name: int(part.height - (part["session_id"].n_unique() if part.height else 0))
+            for name, part in result.parts().items()
+            if name in ("valid", "test")
+        },
+    }
+    return SplitResult(train=train, train_tr=train_tr, valid=valid, test=test, stats=stats)
+
+
+def to_tsv_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """The `SessionId ItemId Time` layout (Time in unix seconds) that GRU4Rec and session-rec read."""
+    return frame.select(
+        pl.col("session_id").alias("SessionId"),
+        pl.col("item_id").alias("ItemId"),
+        (pl.col("timestamp").dt.epoch("us") / 1_000_000).alias("Time"),
+    )
+
+
+def write_split(result: SplitResult, out_dir: Path) -> dict[str, Path]:
+    """Write ``train.tsv``, ``train_tr.tsv``, ``valid.tsv``, ``test.tsv`` and ``stats.json`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for name, part in result.parts().items():
+        path = out_dir / f"{name}.tsv"
+        to_tsv_frame(part).write_csv(path, separator="\t", float_precision=3)
+        paths[name] = path
+    paths["stats"] = out_dir / "stats.json"
+    paths["stats"].write_text(json.dumps(result.stats, indent=2, default=str))
+    return paths
