@@ -133,6 +133,36 @@ class PromotionConfig(_Section):
     )
 
 
+class ServingConfig(_Section):
+    """The recommendation endpoint: limits, fallbacks, canary and the session store."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=1, le=65535)
+    k_default: int = Field(20, ge=1, le=100)
+    k_max: int = Field(100, ge=1, le=1000)
+    latency_budget_ms: float = Field(50.0, gt=0, description="past this the request is answered by the fallback")
+    candidates: int = Field(200, ge=10, description="candidates fetched from FAISS/kNN/popularity before ranking")
+    ann_threshold_items: int = Field(100_000, ge=1, description="exact inner-product index below this size")
+    session_store_url: str | None = Field(None, description="None: SQLite under home; memory://; redis://host:port/db")
+    session_ttl_seconds: int = Field(24 * 3600, ge=60)
+    session_timeout_minutes: float = Field(30.0, gt=0, description="a session id back after this starts afresh")
+    max_session_events: int = Field(200, ge=1, description="events kept per session (oldest dropped)")
+    max_request_bytes: int = Field(64 * 1024, ge=1024)
+    max_events_per_request: int = Field(100, ge=1)
+    rate_limit_per_minute: int = Field(60_000, ge=1, description="per API key")
+    api_keys: tuple[str, ...] = Field((), description="accepted X-API-Key values (env SESSIONREC_API_KEYS)")
+    admin_token: str | None = Field(None, description="token for /admin/* (env SESSIONREC_ADMIN_TOKEN)")
+    canary_share: float = Field(0.0, ge=0, le=1, description="share of sessions served by the challenger")
+    shadow: bool = Field(False, description="challenger also scores champion traffic, off the response path")
+    rollback_min_requests: int = Field(200, ge=1, description="canary requests before the guard judges")
+    rollback_error_rate_margin: float = Field(0.02, ge=0, le=1)
+    rollback_fallback_rate_margin: float = Field(0.05, ge=0, le=1)
+    rollback_p99_margin_ms: float = Field(25.0, ge=0)
+    registry_poll_seconds: float = Field(30.0, ge=1)
+    blocklist_path: Path | None = Field(None, description="item ids never to serve, one per line")
+    availability_path: Path | None = Field(None, description="Parquet/CSV with item_id, available (bool)")
+
+
 class Settings(_Section):
     profile: Profile = "local"
     home: Path = Field(Path(".sessionrec"), description="state directory: lake, quarantine, Dagster, MLflow")
@@ -144,6 +174,7 @@ class Settings(_Section):
     tracking: TrackingConfig = TrackingConfig()
     generator: GeneratorConfig = GeneratorConfig()
     promotion: PromotionConfig = PromotionConfig()
+    serving: ServingConfig = ServingConfig()
 
     @field_validator("home")
     @classmethod
@@ -175,6 +206,11 @@ class Settings(_Section):
     def artifacts_dir(self) -> Path:
         return self.home / "mlflow" / "artifacts"
 
+    @property
+    def serving_dir(self) -> Path:
+        """Session store (SQLite), feedback log and shadow log of the local serving profile."""
+        return self.home / "serving"
+
 
 _PROFILE_DEFAULTS: dict[Profile, dict[str, Any]] = {
     "local": {},
@@ -186,7 +222,12 @@ _PROFILE_DEFAULTS: dict[Profile, dict[str, Any]] = {
 _ENV_OVERRIDES: tuple[tuple[str, str], ...] = (
     ("SESSIONREC_HOME", "home"),
     ("SESSIONREC_TRACKING_URI", "tracking.tracking_uri"),
+    ("SESSIONREC_SESSION_STORE_URL", "serving.session_store_url"),
+    ("SESSIONREC_API_KEYS", "serving.api_keys"),
+    ("SESSIONREC_ADMIN_TOKEN", "serving.admin_token"),
 )
+#: Variables holding comma-separated lists.
+_LIST_VARIABLES = {"SESSIONREC_API_KEYS"}
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -235,6 +276,9 @@ def load_settings(
     data["profile"] = chosen
     for variable, dotted in _ENV_OVERRIDES:
         if env.get(variable):
-            _set_dotted(data, dotted, env[variable])
+            value: Any = env[variable]
+            if variable in _LIST_VARIABLES:
+                value = tuple(part.strip() for part in value.split(",") if part.strip())
+            _set_dotted(data, dotted, value)
     data = _deep_merge(data, {k: v for k, v in overrides.items() if v is not None})
     return Settings.model_validate(data)
