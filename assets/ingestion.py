@@ -12,6 +12,7 @@ import polars as pl
 from sessionrec.assets.metadata import count_table
 from sessionrec.assets.resources import SessionrecResource
 from sessionrec.config import GeneratorConfig
+from sessionrec.integrations.gx_validation import batch_aggregates
 from sessionrec.ops.errors import DatasetError
 from sessionrec.ops.ingest import read_batch
 from sessionrec.ops.lake import StagedBatch
@@ -44,13 +45,14 @@ def raw_events(context: dg.AssetExecutionContext, config: SourceConfig, sessionr
     settings = sessionrec.settings()
     lake = sessionrec.lake()
     paths = [Path(p) for p in config.paths] or [synthetic_source(settings.generator, settings.home / "inputs")]
+    now = datetime.now(timezone.utc)
     batch = read_batch(
         paths,
         fmt=config.format,
         mapping=ColumnMapping.parse(config.mapping) if config.mapping else None,
         options=ReadOptions(timestamp_unit=config.timestamp_unit),  # type: ignore[arg-type]
         ingest=settings.ingest,
-        now=datetime.now(timezone.utc),
+        now=now,
         seq_base=lake.next_seq(),
     )
     errors = batch.dataset_errors(settings.validation)
@@ -60,7 +62,11 @@ def raw_events(context: dg.AssetExecutionContext, config: SourceConfig, sessionr
         batch.quarantine,
         sources=tuple(str(p) for p in paths),
         errors=tuple(f"[{e.code}] {e}" for e in errors),
-        aggregates=batch.aggregates(),
+        aggregates=batch_aggregates(
+            batch.events, settings.ingest, now, n_input_rows=batch.rows_in,
+            n_quarantined=batch.quarantine.height, n_duplicates=batch.duplicates,
+        ),
+        staged_at=now,
     )
     for error in errors:
         context.log.error(str(error))
@@ -75,7 +81,7 @@ def raw_events(context: dg.AssetExecutionContext, config: SourceConfig, sessionr
             "quarantine_by_reason": count_table(batch.quarantine_counts()),
             "duplicate_rate": round(batch.duplicate_rate, 6),
             "dataset_errors": dg.MetadataValue.md("\n".join(f"- {e}" for e in errors) or "(none)"),
-            "staged_at": dg.MetadataValue.path(str(staged.directory)),
+            "staging_dir": dg.MetadataValue.path(str(staged.directory)),
         },
     )
 
@@ -91,7 +97,7 @@ def raw_events_valid(sessionrec: SessionrecResource, raw_events: StagedBatch) ->
     if not problems:
         events = pl.read_parquet(raw_events.events_path)
         for report in (
-            validate_events(events, settings.ingest, settings.validation, datetime.now(timezone.utc)),
+            validate_events(events, settings.ingest, settings.validation, raw_events.staged_at),
             validate_batch_aggregates(raw_events.aggregates, settings.validation),
         ):
             metadata[f"gx_{report.suite}"] = dg.MetadataValue.json(report.as_metadata())

@@ -72,18 +72,6 @@ class IngestBatch:
             )
         return errors
 
-    def aggregates(self) -> dict[str, float]:
-        """Batch statistics computed on every row, for the aggregate validation suite."""
-        ts = self.events["timestamp"]
-        return {
-            "row_count": float(self.rows_in),
-            "event_count": float(self.events.height),
-            "duplicate_rate": self.duplicate_rate,
-            "quarantine_rate": self.quarantine_rate,
-            "min_timestamp": ts.min().timestamp() if self.events.height else 0.0,  # type: ignore[union-attr]
-            "max_timestamp": ts.max().timestamp() if self.events.height else 0.0,  # type: ignore[union-attr]
-        }
-
 
 def expand_sources(paths: Sequence[Path]) -> list[Path]:
     """Files of the given paths; a directory stands for its files (sorted, hidden ones skipped)."""

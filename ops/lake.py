@@ -36,7 +36,8 @@ class StagedBatch:
     quarantined: int
     sources: tuple[str, ...] = ()
     errors: tuple[str, ...] = ()  # dataset-level problems found while reading: the batch must not be committed
-    aggregates: dict[str, float] = field(default_factory=dict)  # batch statistics for the validation suite
+    aggregates: dict[str, float | None] = field(default_factory=dict)  # batch statistics for validation
+    staged_at: datetime | None = None  # the "now" of the row rules, so that validation uses the same window
 
     @property
     def events_path(self) -> Path:
@@ -99,13 +100,15 @@ class Lake:
         *,
         sources: tuple[str, ...] = (),
         errors: tuple[str, ...] = (),
-        aggregates: dict[str, float] | None = None,
+        aggregates: dict[str, float | None] | None = None,
+        staged_at: datetime | None = None,
     ) -> StagedBatch:
         directory = self.staging_dir / batch_id
         _write_atomic(events.select(list(EVENT_SCHEMA)), directory / "events.parquet")
         _write_atomic(quarantine.select(list(QUARANTINE_SCHEMA)), directory / "quarantine.parquet")
         return StagedBatch(
-            batch_id, directory, events.height, quarantine.height, sources, errors, dict(aggregates or {})
+            batch_id, directory, events.height, quarantine.height, sources, errors, dict(aggregates or {}),
+            staged_at,
         )
 
     def commit(self, staged: StagedBatch) -> CommitResult:
