@@ -154,6 +154,87 @@ def run(
         raise typer.Exit(1)
 
 
+models_app = typer.Typer(help="Release management: the registry's versions and the champion alias.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def _registry(config: Path | None, profile: str | None, home: Path | None):  # noqa: ANN202 - lazy import
+    from sessionrec.integrations.mlflow_registry import Registry
+
+    settings = _settings(config, profile, home)
+    return Registry(settings.tracking_uri, settings.tracking.registered_model)
+
+
+@models_app.command("list")
+def models_list(config: ConfigOpt = None, profile: ProfileOpt = None, home: HomeOpt = None) -> None:
+    """Registered versions with their aliases, test metrics and gate verdicts."""
+    versions = _registry(config, profile, home).list_versions()
+    if not versions:
+        console.print("no registered version yet: run `make demo` or `sessionrec run` first")
+        return
+    table = Table(title="registered versions")
+    for column in ("version", "aliases", "model", "recall@20", "mrr@20", "gate", "promoted by", "reason", "created"):
+        table.add_column(column)
+    for v in versions:
+        table.add_row(
+            str(v.version), ", ".join(v.aliases), v.tags.get("model_name", ""),
+            f"{v.metrics.get('recall_at_20', float('nan')):.4f}", f"{v.metrics.get('mrr_at_20', float('nan')):.4f}",
+            {None: "-", True: "passed", False: "refused"}[v.gate_passed], v.promoted_by or "",
+            (v.promotion_reason or "")[:40], v.created.strftime("%Y-%m-%d %H:%M"),
+        )
+    console.print(table)
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[int, typer.Option("--version", min=1, help="registered version to make champion")],
+    reason: Annotated[str, typer.Option("--reason", help="why (recorded on the version)")] = "manual promotion",
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Move the `champion` alias to a version (recorded: who, when, why)."""
+    info = _registry(config, profile, home).promote(version, reason)
+    console.print(f"version {info.version} is champion (was {info.previous_champion or 'none'})")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    reason: Annotated[str, typer.Option("--reason")] = "manual rollback",
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Move `champion` back to the previous champion."""
+    info = _registry(config, profile, home).rollback(reason)
+    console.print(f"version {info.version} is champion again")
+
+
+@app.command("mlflow-ui")
+def mlflow_ui(
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 5000,
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Start the MLflow UI on the project's tracking store and registry."""
+    import subprocess
+
+    from sessionrec.integrations.mlflow_tracking import prepare_store, resolve_store_uri
+
+    settings = _settings(config, profile, home)
+    uri = resolve_store_uri(settings.tracking_uri)
+    prepare_store(uri)
+    settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (store {uri})")
+    subprocess.run(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--default-artifact-root",
+         str(settings.artifacts_dir), "--host", "127.0.0.1", "--port", str(port)],
+        check=False,
+    )
+
+
 @app.command()
 def formats() -> None:
     """List the input formats `--format` accepts."""

@@ -1,7 +1,5 @@
 """Ingestion assets: sources → staged batch (blocking validation) → committed lake partitions."""
 
-from __future__ import annotations
-
 import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,6 +65,10 @@ def raw_events(context: dg.AssetExecutionContext, config: SourceConfig, sessionr
             n_quarantined=batch.quarantine.height, n_duplicates=batch.duplicates,
         ),
         staged_at=now,
+    )
+    context.log.info(
+        f"batch {batch.batch_id}: {batch.rows_in:,} rows read, {batch.events.height:,} valid, "
+        f"{batch.quarantine.height:,} quarantined {batch.quarantine_counts() or ''}"
     )
     for error in errors:
         context.log.error(str(error))

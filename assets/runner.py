@@ -36,7 +36,11 @@ def _plain(value: Any) -> Any:
 def run_main_job(settings: Settings, paths: Sequence[str], *, fmt: str = "auto", mapping: str = "") -> RunOutcome:
     defs = build_definitions(SessionrecResource(settings_json=settings.model_dump_json()))
     job = defs.resolve_job_def("main")
-    run_config = {"ops": {"raw_events": {"config": {"paths": list(paths), "format": fmt, "mapping": mapping}}}}
+    run_config = {
+        "ops": {"raw_events": {"config": {"paths": list(paths), "format": fmt, "mapping": mapping}}},
+        # Step bookkeeping stays in the run's event log (see it in `make ui`); the console gets INFO and up.
+        "loggers": {"console": {"config": {"log_level": "INFO"}}},
+    }
     result = job.execute_in_process(run_config=run_config, instance=dg.DagsterInstance.get(), raise_on_error=False)
     outcome = RunOutcome(success=result.success, run_id=result.run_id, settings=settings)
     for event in result.get_asset_materialization_events():

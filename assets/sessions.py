@@ -1,6 +1,5 @@
 """Sessionization and the temporal split, over everything in the lake."""
 
-from __future__ import annotations
 
 import json
 from dataclasses import dataclass
