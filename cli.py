@@ -154,6 +154,62 @@ def run(
         raise typer.Exit(1)
 
 
+@app.command()
+def evaluate(
+    out: Annotated[Path, typer.Option("--out", help="results JSON")] = Path("results.json"),
+    train: Annotated[Path | None, typer.Option("--train", help="train TSV (SessionId ItemId Time)")] = None,
+    test: Annotated[Path | None, typer.Option("--test", help="test TSV (SessionId ItemId Time)")] = None,
+    events: Annotated[list[Path] | None, typer.Option("--events", help="raw events instead: split on the fly")] = None,
+    fmt: Annotated[str, typer.Option("--format")] = "auto",
+    test_days: Annotated[float, typer.Option("--test-days", min=0.001)] = 1.0,
+    models: Annotated[str, typer.Option("--models", help="comma-separated model names")] = (
+        "pop,sknn,vsknn,stan,vstan,gru4rec,sasrec,hybrid"
+    ),
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda")] = "auto",
+    seed: Annotated[int, typer.Option("--seed")] = 42,
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Train each model and evaluate it with the exact next-item protocol (full catalogue, pessimistic ties)."""
+    import json
+
+    from sessionrec.ops.experiment import run_evaluation
+    from sessionrec.ops.sessiondata import read_split_tsv
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if events:
+        if train or test:
+            raise typer.BadParameter("give either --train/--test or --events, not both")
+        import tempfile
+
+        from sessionrec.ops.pipeline import events_to_split
+
+        settings = _settings(config, profile, home)
+        settings = settings.model_copy(update={"split": settings.split.model_copy(update={"test_days": test_days})})
+        split_dir = Path(tempfile.mkdtemp(prefix="sessionrec-split-"))
+        outcome = events_to_split(events, fmt=fmt, mapping="", settings=settings, out_dir=split_dir)
+        train, test = outcome.paths["train"], outcome.paths["test"]
+        console.print(f"split written to {split_dir}")
+    if train is None or test is None:
+        raise typer.BadParameter("give --train and --test (TSV files of `sessionrec split`), or --events")
+    results = run_evaluation(read_split_tsv(train), read_split_tsv(test), names, device=device, seed=seed,
+                             progress=lambda message: err.print(f"[dim]{message}[/]"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    table = Table(title=f"next-item evaluation: {results['dataset']['test']['events']:,} test events, "
+                        f"{len(results['models'])} models (full catalogue of {results['dataset']['catalogue_items']:,})")
+    for column in ("model", "recall@20", "mrr@20", "ndcg@20", "recall@10", "mrr@10", "coverage@20", "train s",
+                   "predict s", "device"):
+        table.add_column(column, justify="left" if column in ("model", "device") else "right")
+    for name, r in sorted(results["models"].items(), key=lambda kv: -kv[1]["mrr@20"]):
+        table.add_row(name, *(f"{r[k]:.4f}" for k in ("recall@20", "mrr@20", "ndcg@20", "recall@10", "mrr@10",
+                                                      "coverage@20")),
+                      f"{r['train_seconds']:.1f}", f"{r['predict_seconds']:.1f}", str(r["device"]))
+    console.print(table)
+    console.print(f"{results['models'][names[0]]['n_predictions']:,} predictions per model; results in {out}")
+
+
 models_app = typer.Typer(help="Release management: the registry's versions and the champion alias.",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
