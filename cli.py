@@ -137,16 +137,26 @@ def run(
     fmt: Annotated[str, typer.Option("--format")] = "auto",
     mapping: Annotated[str, typer.Option("--map")] = "",
     events: Annotated[int | None, typer.Option("--events", min=1_000, help="synthetic events to generate")] = None,
+    models: Annotated[str | None, typer.Option("--models", help="comma-separated; default: settings")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda")] = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """The main job: run the whole Dagster asset graph in-process and print a summary."""
+    """The main job: run the whole Dagster asset graph in-process (ingest → validate → sessionize → split →
+    train → evaluate → register → promote) and print a summary."""
     from sessionrec.assets.runner import print_summary, run_main_job
 
     settings = _settings(config, profile, home)
     if events is not None:
         settings = settings.model_copy(update={"generator": settings.generator.model_copy(update={"n_events": events})})
+    training = {k: v for k, v in {
+        "models": tuple(m.strip() for m in models.split(",") if m.strip()) if models else None,
+        "device": device,
+    }.items() if v is not None}
+    if training:  # validated like a config file: an unknown model name is a clear error before anything runs
+        settings = Settings.model_validate({**settings.model_dump(), "training": {**settings.training.model_dump(),
+                                                                                  **training}})
     _prepare_dagster_home(settings)
     outcome = run_main_job(settings, [str(p) for p in input_paths or []], fmt=fmt, mapping=mapping)
     print_summary(outcome, console)
@@ -301,6 +311,10 @@ def formats() -> None:
 
 def main() -> None:
     """Console entry point: user errors become one clear line and exit status 2, never a traceback."""
+    for variable, value in (("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"), ("DO_NOT_TRACK", "1"),
+                            ("GX_ANALYTICS_ENABLED", "false"), ("BENTOML_DO_NOT_TRACK", "True"),
+                            ("DAGSTER_DISABLE_TELEMETRY", "1")):
+        os.environ.setdefault(variable, value)
     try:
         app()
     except SessionrecError as exc:

@@ -122,6 +122,20 @@ class TrackingConfig(_Section):
     registered_model: str = "sessionrec-recommender"
 
 
+class TrainingConfig(_Section):
+    """Which models the main job trains, and where; hyper-parameters live in each model's typed config."""
+
+    models: tuple[str, ...] = Field(
+        ("pop", "vsknn", "vstan", "gru4rec", "hybrid"), description="names from ops.models.registry.MODEL_NAMES"
+    )
+    device: str = Field("auto", description="auto (CUDA when available) | cpu | cuda")
+    seed: int = 42
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-model hyper-parameters replacing the defaults"
+    )
+    log_all_runs: bool = Field(True, description="log every model's run to MLflow, not only the challenger's")
+
+
 class PromotionConfig(_Section):
     """The automatic gate between the `challenger` and `champion` aliases of the registry."""
 
@@ -173,6 +187,7 @@ class Settings(_Section):
     split: SplitConfig = SplitConfig()
     tracking: TrackingConfig = TrackingConfig()
     generator: GeneratorConfig = GeneratorConfig()
+    training: TrainingConfig = TrainingConfig()
     promotion: PromotionConfig = PromotionConfig()
     serving: ServingConfig = ServingConfig()
 

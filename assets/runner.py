@@ -12,6 +12,7 @@ from typing import Any
 
 import dagster as dg
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.table import Table
 
 from sessionrec.assets.definitions import build_definitions
@@ -82,6 +83,18 @@ def print_summary(outcome: RunOutcome, console: Console) -> None:
     console.print(table)
     if raw.get("quarantine_by_reason"):
         console.print("[bold]quarantine by reason[/]\n" + str(raw["quarantine_by_reason"]))
+    evaluation, registered, champion = (md.get(k, {}) for k in ("model_evaluation", "registered_model",
+                                                                 "champion_model"))
+    if evaluation.get("leaderboard"):
+        console.print(Markdown(f"**leaderboard** (test split, {evaluation.get('n_predictions', 0):,} next-item "
+                               f"predictions, full catalogue)\n\n{evaluation['leaderboard']}"))
+    if registered:
+        console.print(f"registered {registered.get('model')} as version {registered.get('version')} "
+                      f"(alias challenger); MLflow run {registered.get('mlflow_run')}")
+    if champion:
+        verdict = "passed" if champion.get("gate_passed") else "refused"
+        console.print(f"promotion gate {verdict}; champion is version {champion.get('champion_version')}\n"
+                      f"{champion.get('reasons')}")
     for name, (passed, description) in outcome.checks.items():
         mark = "[green]passed[/]" if passed else "[red]FAILED[/]"
         console.print(f"check {name}: {mark}" + ("" if passed else f"\n  {description}"))

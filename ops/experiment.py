@@ -115,7 +115,27 @@ class _Run:
         return model, report, time.perf_counter() - started
 
 
-def run_evaluation(
+@dataclasses.dataclass
+class Experiment:
+    """A finished run: the encoded data, every fitted model and its results (the Dagster assets log and
+    register the models; the CLI only needs `as_json`)."""
+
+    index: ItemIndex
+    train: SessionData
+    test: SessionData
+    dataset: dict[str, Any]
+    results: dict[str, dict[str, Any]]
+    models: dict[str, SessionModel]
+    reports: dict[str, FitReport]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "models": self.results}
+
+    def best(self, metric: str = "mrr@20") -> str:
+        return max(self.results, key=lambda name: self.results[name][metric])
+
+
+def train_and_evaluate(
     train: pl.DataFrame,
     test: pl.DataFrame,
     model_names: Sequence[str],
@@ -126,14 +146,12 @@ def run_evaluation(
     progress: Callable[[str], None] | None = None,
     valid_days: float = 1.0,
     batch_size: int = 512,
-) -> dict[str, Any]:
+) -> Experiment:
     """Fit and evaluate ``model_names`` on ``train`` -> ``test`` (``SessionId ItemId Time`` frames).
 
     ``overrides`` maps a model name to hyper-parameters replacing its defaults (also used for the hybrid's
-    components); ``device``, ``seed`` and ``valid_days`` go to every model whose config has a field of that name
-    (the neural models, the hybrid) unless its overrides set it. Returns
-    ``{"dataset": {...}, "models": {name: {...}}}``, ready for ``json.dumps``: per model ``params``,
-    ``train_seconds``, ``device``, the fit report and all metrics of `evaluate`.
+    components); ``device`` and ``seed`` go to every model whose config has such a field. The results hold per
+    model ``params``, ``train_seconds``, ``device``, the fit report and all metrics of `evaluate`.
     """
     names = list(dict.fromkeys(model_names))
     overrides = dict(overrides or {})
@@ -168,9 +186,12 @@ def run_evaluation(
         f"test {dataset['test']['events']} events ({unknown_events} on unknown items removed)"
     )
     results: dict[str, dict[str, Any]] = {}
+    fitted: dict[str, SessionModel] = {}
+    reports: dict[str, FitReport] = {}
     for name in sorted(names, key=lambda n: n == "hybrid"):  # the hybrid last: it reuses what came before
         say(f"{name}: training")
         model, report, train_seconds = run.fit(name)
+        fitted[name], reports[name] = model, report
         say(f"{name}: trained in {train_seconds:.1f}s, evaluating")
         metrics = evaluate(model, test_data, train_data, batch_size=batch_size)
         results[name] = {
@@ -189,4 +210,9 @@ def run_evaluation(
             results[name]["blend"] = {"weight": model.weight, "normalisation": model.normalisation}
             results[name]["fit"]["validation_grid"] = model.validation
         say(f"{name}: recall@20 {metrics['recall@20']:.4f}  mrr@20 {metrics['mrr@20']:.4f}")
-    return {"dataset": dataset, "models": results}
+    return Experiment(index, train_data, test_data, dataset, results, fitted, reports)
+
+
+def run_evaluation(train: pl.DataFrame, test: pl.DataFrame, model_names: Sequence[str], **kwargs: Any) -> dict:
+    """`train_and_evaluate` as a JSON-ready dict ``{"dataset": {...}, "models": {name: {...}}}``."""
+    return train_and_evaluate(train, test, model_names, **kwargs).as_json()

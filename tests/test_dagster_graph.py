@@ -89,3 +89,46 @@ def test_duplicate_rate_beyond_threshold_fails_the_check(tmp_path) -> None:
     check = {e.check_name: e for e in result.get_asset_check_evaluations()}["raw_events_valid"]
     assert not check.passed and "duplicate" in (check.description or "")
     assert Lake(tmp_path / "lake").scan_events().collect().height == 0
+
+
+def _materialize_all(home: Path, paths: list[str], fmt: str, **overrides) -> dg.ExecuteInProcessResult:
+    from sessionrec.assets.definitions import MODEL_ASSETS, MODEL_CHECKS
+
+    settings = load_settings(home=home, **overrides)
+    return dg.materialize(
+        [*DATA_ASSETS, *DATA_CHECKS, *MODEL_ASSETS, *MODEL_CHECKS],
+        resources={"sessionrec": SessionrecResource(settings_json=settings.model_dump_json())},
+        run_config={"ops": {"raw_events": {"config": {"paths": paths, "format": fmt}}}},
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+
+
+def test_train_evaluate_register_promote_on_real_yoochoose(shared_data, tmp_path) -> None:
+    from sessionrec.integrations.mlflow_registry import Registry
+
+    files = shared_data / "yoochoose" / "session-rec"
+    result = _materialize_all(
+        tmp_path, [str(files / "yoochoose-clicks-100k_train_full.txt"), str(files / "yoochoose-clicks-100k_test.txt")],
+        "yoochoose", training={"models": ["pop", "sknn", "vstan"]}, cleaning={"drop_consecutive_repeats": False})
+    assert result.success
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"raw_events_valid": True, "sessions_valid": True, "challenger_beats_baselines": True}
+    evaluation = _metadata(result, "model_evaluation")
+    assert evaluation["challenger"] == "vstan"
+    assert evaluation["challenger_mrr@20"] > 0.3  # far above popularity (about 0.03) on this split
+    champion = _metadata(result, "champion_model")
+    assert champion["gate_passed"] is True and champion["champion_version"] == 1
+    settings = load_settings(home=tmp_path)
+    versions = Registry(settings.tracking_uri, settings.tracking.registered_model).list_versions()
+    assert [v.aliases for v in versions] == [["challenger", "champion"]]
+
+
+def test_a_challenger_that_cannot_beat_popularity_is_not_registered(shared_data, tmp_path) -> None:
+    files = shared_data / "yoochoose" / "session-rec"
+    result = _materialize_all(tmp_path, [str(files / "yoochoose-clicks-100k_test.txt")], "yoochoose",
+                              training={"models": ["pop"]}, split={"test_days": 0.3, "valid_days": 0.2})
+    assert not result.success
+    check = {e.check_name: e for e in result.get_asset_check_evaluations()}["challenger_beats_baselines"]
+    assert not check.passed and "popularity" in (check.description or "")
+    assert not result.asset_materializations_for_node("registered_model")
