@@ -39,10 +39,12 @@ class SplitResult:
 
 
 def _counts(frame: pl.DataFrame) -> dict[str, int]:
+    """Events, sessions and items; on the integer codes of `clean` when present (much faster than strings)."""
+    session, item = ("_s", "_i") if "_s" in frame.columns else ("session_id", "item_id")
     return {
         "events": frame.height,
-        "sessions": frame["session_id"].n_unique() if frame.height else 0,
-        "items": frame["item_id"].n_unique() if frame.height else 0,
+        "sessions": frame[session].n_unique() if frame.height else 0,
+        "items": frame[item].n_unique() if frame.height else 0,
     }
 
 
@@ -57,31 +59,41 @@ def _step(name: str, before: pl.DataFrame, after: pl.DataFrame) -> dict[str, int
 
 
 def _drop_short_sessions(frame: pl.DataFrame, min_length: int) -> pl.DataFrame:
-    return frame.filter(pl.len().over("session_id") >= min_length)
+    key = "_s" if "_s" in frame.columns else "session_id"
+    return frame.filter(pl.len().over(key) >= min_length)
 
 
 def clean(sessions: pl.DataFrame, cfg: CleaningConfig) -> tuple[pl.DataFrame, list[dict]]:
     """Apply the protocol's cleaning to ordered sessions (``session_id, item_id, timestamp`` at least)."""
+    cleaned, steps = _clean_coded(sessions, cfg)
+    return cleaned.drop("_s", "_i"), steps
+
+
+def _clean_coded(sessions: pl.DataFrame, cfg: CleaningConfig) -> tuple[pl.DataFrame, list[dict]]:
+    """`clean`, keeping the integer codes ``_s``/``_i`` for the split that follows."""
     steps: list[dict] = []
-    frame = sessions.select("session_id", "item_id", "timestamp").sort(
-        ["session_id", "timestamp"], maintain_order=True
-    )
+    # Integer codes (dense ranks: deterministic, in string order) make the repeated group-bys and counts cheap.
+    frame = sessions.select(
+        "session_id",
+        "item_id",
+        "timestamp",
+        pl.col("session_id").rank("dense").alias("_s"),
+        pl.col("item_id").rank("dense").alias("_i"),
+    ).sort(["_s", "timestamp"], maintain_order=True)
     if cfg.drop_consecutive_repeats:
         kept = frame.filter(
-            (pl.col("item_id") != pl.col("item_id").shift(1).over("session_id")).fill_null(True)
+            ((pl.col("_i") != pl.col("_i").shift(1)) | (pl.col("_s") != pl.col("_s").shift(1))).fill_null(True)
         )
         steps.append(_step("drop_consecutive_repeats", frame, kept))
         frame = kept
-    capped = frame.filter(
-        pl.int_range(pl.len()).reverse().over("session_id") < cfg.max_session_length
-    )
+    capped = frame.filter(pl.int_range(pl.len()).reverse().over("_s") < cfg.max_session_length)
     steps.append(_step(f"cap_session_length_{cfg.max_session_length}", frame, capped))
     frame = capped
     for iteration in range(100):
         before = frame
         shorter = _drop_short_sessions(frame, cfg.min_session_length)
         steps.append(_step(f"drop_sessions_shorter_than_{cfg.min_session_length}#{iteration}", frame, shorter))
-        rare = shorter.filter(pl.len().over("item_id") >= cfg.min_item_support)
+        rare = shorter.filter(pl.len().over("_i") >= cfg.min_item_support)
         steps.append(_step(f"drop_items_with_support_below_{cfg.min_item_support}#{iteration}", shorter, rare))
         frame = rare
         if frame.height == before.height:
@@ -96,19 +108,16 @@ def _temporal(frame: pl.DataFrame, days: float) -> tuple[pl.DataFrame, pl.DataFr
     """Split off the sessions that end in the last ``days`` days; filter them to items seen before."""
     if frame.is_empty():
         return frame, frame, {"cutoff": None, "unknown_item_events_removed": 0, "short_sessions_removed": 0}
-    ends = frame.group_by("session_id").agg(pl.col("timestamp").max().alias("_end"))
-    cutoff_value = ends.select(pl.col("_end").max() - pl.duration(microseconds=int(days * 86_400e6))).item()
-    later = ends.filter(pl.col("_end") > cutoff_value).select("session_id")
-    before = frame.join(later, on="session_id", how="anti")
-    after = frame.join(later, on="session_id", how="semi")
-    known = before.select("item_id").unique()
-    after_known = after.join(known, on="item_id", how="semi")
+    session_end = pl.col("timestamp").max().over("_s")
+    cutoff_value = frame.select(pl.col("timestamp").max() - pl.duration(microseconds=int(days * 86_400e6))).item()
+    is_after = frame.select(session_end > cutoff_value).to_series()
+    before, after = frame.filter(~is_after), frame.filter(is_after)
+    after_known = after.filter(pl.col("_i").is_in(before["_i"].unique()))
     after_final = _drop_short_sessions(after_known, 2)
     info = {
         "cutoff": cutoff_value.isoformat(),
         "unknown_item_events_removed": after.height - after_known.height,
-        "short_sessions_removed": (after_known["session_id"].n_unique() if after_known.height else 0)
-        - (after_final["session_id"].n_unique() if after_final.height else 0),
+        "short_sessions_removed": _counts(after_known)["sessions"] - _counts(after_final)["sessions"],
     }
     return before, after_final, info
 
@@ -116,7 +125,7 @@ def _temporal(frame: pl.DataFrame, days: float) -> tuple[pl.DataFrame, pl.DataFr
 def make_split(sessions: pl.DataFrame, cleaning: CleaningConfig, split: SplitConfig) -> SplitResult:
     """Clean, then split by time into train / train_tr / valid / test, with the counts of every step."""
     raw_counts = _counts(sessions)
-    cleaned, steps = clean(sessions, cleaning)
+    cleaned, steps = _clean_coded(sessions, cleaning)
     train, test, test_info = _temporal(cleaned, split.test_days)
     train_tr, valid, valid_info = _temporal(train, split.valid_days)
     result = SplitResult(train=train, train_tr=train_tr, valid=valid, test=test)
@@ -128,12 +137,16 @@ def make_split(sessions: pl.DataFrame, cleaning: CleaningConfig, split: SplitCon
         "valid_split": {"valid_days": split.valid_days, **valid_info},
         "files": {name: _counts(part) for name, part in result.parts().items()},
         "next_item_predictions": {
-            name: int(part.height - (part["session_id"].n_unique() if part.height else 0))
+            name: part.height - _counts(part)["sessions"]
             for name, part in result.parts().items()
             if name in ("valid", "test")
         },
     }
-    return SplitResult(train=train, train_tr=train_tr, valid=valid, test=test, stats=stats)
+    codes = ["_s", "_i"]
+    return SplitResult(
+        train=train.drop(codes), train_tr=train_tr.drop(codes), valid=valid.drop(codes), test=test.drop(codes),
+        stats=stats,
+    )
 
 
 def to_tsv_frame(frame: pl.DataFrame) -> pl.DataFrame:
