@@ -150,22 +150,28 @@ def normalize(
         pl.col("source_line").cast(pl.Int64),
         (pl.int_range(pl.len(), dtype=pl.Int64) + seq_base).alias("seq"),
     )
-    reason = pl.lit(None, dtype=pl.String)
-    detail = pl.lit(None, dtype=pl.String)
-    for code, failing, why in reversed(_rules(cfg, now)):
-        hit = failing.fill_null(False)
-        reason = pl.when(hit).then(pl.lit(code)).otherwise(reason)
-        detail = pl.when(hit).then(why).otherwise(detail)
-    frame = frame.with_columns(reason.alias("_reason"), detail.alias("_detail"))
+    rules = _rules(cfg, now)
+    # The reason is a cheap code on every row; the human-readable detail is built for the bad rows only.
+    reason = pl.lit(None, dtype=pl.Int16)
+    for position, (_, failing, _) in reversed(list(enumerate(rules))):
+        reason = pl.when(failing.fill_null(False)).then(pl.lit(position, dtype=pl.Int16)).otherwise(reason)
+    frame = frame.with_columns(reason.alias("_rule"))
     frame = frame.with_columns(pl.coalesce(pl.col("event_id"), content_hash()).alias("event_id"))
-    good = frame.filter(pl.col("_reason").is_null())
-    dup = good.select(pl.col("event_id").is_duplicated() & ~pl.col("event_id").is_first_distinct()).to_series()
+    detail = pl.lit(None, dtype=pl.String)
+    for position, (_, _, why) in enumerate(rules):
+        detail = pl.when(pl.col("_rule") == position).then(why).otherwise(detail)
+    rejected = frame.filter(pl.col("_rule").is_not_null()).with_columns(
+        pl.col("_rule").replace_strict(list(range(len(rules))), [code for code, _, _ in rules]).alias("_reason"),
+        detail.alias("_detail"),
+    )
+    good = frame.filter(pl.col("_rule").is_null())
+    dup = good.select(~pl.col("event_id").is_first_distinct()).to_series()
     duplicates = good.filter(dup).with_columns(
         pl.lit("duplicate_event").alias("_reason"),
         pl.format("event_id {} already seen earlier in this batch", pl.col("event_id")).alias("_detail"),
     )
     events = good.filter(~dup).select(list(EVENT_SCHEMA))
-    bad = pl.concat([frame.filter(pl.col("_reason").is_not_null()), duplicates], how="vertical")
+    bad = pl.concat([rejected, duplicates], how="vertical")
     quarantine = bad.select(
         pl.col("source"),
         pl.col("source_line"),
