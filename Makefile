@@ -28,7 +28,7 @@ $(STAMP): requirements.lock pyproject.toml
 
 ## The main job: generate demo events and run the whole asset graph in-process.
 demo: $(STAMP)
-	$(BIN)/sessionrec demo
+	$(BIN)/sessionrec run
 
 ## Install and run the whole test suite (what .ci/run calls).
 test: $(STAMP)
@@ -37,6 +37,7 @@ test: $(STAMP)
 ## The Dagster UI on the project's workspace (storage under $(DAGSTER_HOME)).
 ui: $(STAMP)
 	mkdir -p $(DAGSTER_HOME)
+	test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml
 
 mlflow-ui: $(STAMP)
