@@ -91,6 +91,7 @@ def split(
     out: Annotated[Path, typer.Option("--out", help="output directory")],
     fmt: Annotated[str, typer.Option("--format", help="auto or a format name (see `sessionrec formats`)")] = "auto",
     mapping: Annotated[str, typer.Option("--map", help="column mapping for generic files: item_id=col,...")] = "",
+    encoding: Annotated[str, typer.Option("--encoding", help="text encoding of the source files")] = "utf-8",
     test_days: Annotated[float, typer.Option("--test-days", min=0.001)] = 1.0,
     valid_days: Annotated[float, typer.Option("--valid-days", min=0.001)] = 1.0,
     timeout_minutes: Annotated[float | None, typer.Option("--timeout-minutes", min=0.01)] = None,
@@ -121,7 +122,7 @@ def split(
             update={"timeout_minutes": timeout_minutes} if timeout_minutes else {}
         ),
     })
-    outcome = events_to_split(events, fmt=fmt, mapping=mapping, settings=settings, out_dir=out)
+    outcome = events_to_split(events, fmt=fmt, mapping=mapping, settings=settings, out_dir=out, encoding=encoding)
     table = Table(title=f"split written to {out}")
     for column in ("file", "events", "sessions", "items"):
         table.add_column(column, justify="left" if column == "file" else "right")

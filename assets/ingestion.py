@@ -23,7 +23,8 @@ class SourceConfig(dg.Config):
     paths: list[str] = []
     format: str = "auto"
     mapping: str = ""  # "item_id=product,session_id=sess" for generic files
-    timestamp_unit: str = "auto"
+    timestamp_unit: str = "auto"  # auto | s | ms | us | iso
+    encoding: str = "utf-8"  # other encodings are transcoded; invalid bytes under utf-8 are quarantined
 
 
 def synthetic_source(cfg: GeneratorConfig, directory: Path) -> Path:
@@ -48,7 +49,11 @@ def raw_events(context: dg.AssetExecutionContext, config: SourceConfig, sessionr
         paths,
         fmt=config.format,
         mapping=ColumnMapping.parse(config.mapping) if config.mapping else None,
-        options=ReadOptions(timestamp_unit=config.timestamp_unit),  # type: ignore[arg-type]
+        options=ReadOptions(
+            timestamp_unit=config.timestamp_unit,  # type: ignore[arg-type]
+            encoding=config.encoding,
+            max_field_length=settings.ingest.max_field_length,
+        ),
         ingest=settings.ingest,
         now=now,
         seq_base=lake.next_seq(),

@@ -19,7 +19,7 @@ import polars as pl
 from sessionrec.config import IngestConfig, ValidationConfig
 from sessionrec.ops.errors import DatasetError
 from sessionrec.ops.events import NormalizedBatch, normalize
-from sessionrec.ops.readers import ColumnMapping, ReadOptions, ReadResult, read_events
+from sessionrec.ops.readers import ColumnMapping, ReadOptions, ReadResult, expand_paths, read_events
 from sessionrec.ops.schema import QUARANTINE_SCHEMA, RAW_COLUMNS, empty_events
 
 
@@ -73,17 +73,6 @@ class IngestBatch:
         return errors
 
 
-def expand_sources(paths: Sequence[Path]) -> list[Path]:
-    """Files of the given paths; a directory stands for its files (sorted, hidden ones skipped)."""
-    files: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        else:
-            files.append(path)
-    return files
-
-
 def batch_id_for(files: Sequence[Path]) -> str:
     """A batch is identified by its sources' paths, sizes and modification times: the same files → the same id."""
     digest = hashlib.sha256()
@@ -123,7 +112,7 @@ def read_batch(
     seq_base: int = 0,
 ) -> IngestBatch:
     """Read and normalize all sources of one batch; errors of whole files are collected, not raised."""
-    files = expand_sources(paths)
+    files = expand_paths(paths)
     batch_id = batch_id_for(files)
     errors: list[DatasetError] = []
     if not files:

@@ -27,7 +27,7 @@ class SplitOutcome:
 
 
 def events_to_split(
-    paths: Sequence[Path], *, fmt: str, mapping: str, settings: Settings, out_dir: Path
+    paths: Sequence[Path], *, fmt: str, mapping: str, settings: Settings, out_dir: Path, encoding: str = "utf-8"
 ) -> SplitOutcome:
     """Read, validate rows, sessionize, clean and split; quarantined rows go to ``out_dir/quarantine.parquet``.
 
@@ -37,7 +37,7 @@ def events_to_split(
         paths,
         fmt=fmt,
         mapping=ColumnMapping.parse(mapping) if mapping else None,
-        options=ReadOptions(),
+        options=ReadOptions(max_field_length=settings.ingest.max_field_length, encoding=encoding),
         ingest=settings.ingest,
         now=datetime.now(timezone.utc),
     )

@@ -174,7 +174,8 @@ class ColumnMapping:
 class ReadOptions:
     """How to read a file. ``timestamp_unit`` and ``event_type_map`` (extra raw → canonical event types) apply to
     generic files: native formats have a documented unit and vocabulary. ``encoding`` and ``max_field_length``
-    (longer fields are quarantined, never truncated) apply to every file."""
+    apply to every file: a row with a longer field (characters) is quarantined, never truncated; for the mapped
+    fields always, for the other columns of a text file when its line is too long for all of them to fit."""
 
     timestamp_unit: TimestampUnit = "auto"
     event_type_map: dict[str, str] = field(default_factory=dict)
