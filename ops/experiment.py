@@ -64,7 +64,8 @@ class _Run:
         self.train_tr, self.valid = carve_validation(train, settings["valid_days"])
         self.overrides = overrides
         self.settings = settings
-        self.neural: dict[str, tuple[SessionModel, FitReport, float]] = {}
+        #: neural name -> (early-stopped on the carve, final model, report, seconds of both trainings)
+        self.neural: dict[str, tuple[SessionModel, SessionModel, FitReport, float]] = {}
 
     def config(self, name: str) -> Any:
         """Defaults, then the run settings the model's config has a field for, then the user's overrides."""
@@ -74,22 +75,37 @@ class _Run:
         values.update(self.overrides.get(name, {}))
         return make_config(name, config_class, values)
 
-    def create(self, name: str) -> SessionModel:
-        return model_class(name)(self.config(name))  # type: ignore[call-arg]
+    def create(self, name: str, **extra: Any) -> SessionModel:
+        config = self.config(name)
+        return model_class(name)(dataclasses.replace(config, **extra) if extra else config)  # type: ignore[call-arg]
 
     def fit(self, name: str) -> tuple[SessionModel, FitReport, float]:
-        """The fitted model, its report and its training wall time; neural models are fitted once per run."""
-        if name in self.neural:
-            return self.neural[name]
+        """The final model, its report and its training wall time; neural models are fitted once per run."""
         if name == "hybrid":
             return self._fit_hybrid()
+        if name in NEURAL_MODELS:
+            _, final, report, seconds = self._fit_neural(name)
+            return final, report, seconds
         model = self.create(name)
         started = time.perf_counter()
-        report = model.fit(self.train_tr, self.valid) if name in NEURAL_MODELS else model.fit(self.train)
-        fitted = (model, report, time.perf_counter() - started)
-        if name in NEURAL_MODELS:
-            self.neural[name] = fitted
-        return fitted
+        report = model.fit(self.train)
+        return model, report, time.perf_counter() - started
+
+    def _fit_neural(self, name: str) -> tuple[SessionModel, SessionModel, FitReport, float]:
+        """Early stopping on the carve (train_tr → valid); then, with ``refit_neural``, the same model trained
+        afresh on all of ``train`` for the best number of epochs: the newest day matters most for a test on the
+        day after, and the early-stopped model stays available for the hybrid's blend tuning (valid unseen)."""
+        if name not in self.neural:
+            started = time.perf_counter()
+            tuned = self.create(name)
+            report = tuned.fit(self.train_tr, self.valid)
+            final = tuned
+            if self.settings.get("refit_neural") and report.best_epoch:
+                final = self.create(name, max_epochs=report.best_epoch)
+                refit = final.fit(self.train)
+                report.epochs = [*report.epochs, *({**epoch, "refit": 1.0} for epoch in refit.epochs)]
+            self.neural[name] = (tuned, final, report, time.perf_counter() - started)
+        return self.neural[name]
 
     def _fit_hybrid(self) -> tuple[SessionModel, FitReport, float]:
         """The hybrid's time includes its neural component only when that was trained for it."""
@@ -103,15 +119,17 @@ class _Run:
         started = time.perf_counter()
         components: dict[str, SessionModel] = {}
         for name in config.components:
-            if name in NEURAL_MODELS:
-                components[name] = self.fit(name)[0]
+            if name in NEURAL_MODELS:  # tuned with the early-stopped model: the validation day stays unseen
+                components[name] = self._fit_neural(name)[0]
             else:  # fitted on the carve's training part, as the hybrid's contract requires
                 components[name] = self.create(name)
                 components[name].fit(self.train_tr)
         model = Hybrid(config, components)
         report = model.fit(self.train)
+        for name in neural:  # the blend stays; the neural part is its version trained on all of train
+            model.replace_component(name, self._fit_neural(name)[1])
         if neural:  # it scores where its neural component does
-            report.device = self.neural[neural[0]][1].device
+            report.device = self.neural[neural[0]][2].device
         return model, report, time.perf_counter() - started
 
 
@@ -146,6 +164,7 @@ def train_and_evaluate(
     progress: Callable[[str], None] | None = None,
     valid_days: float = 1.0,
     batch_size: int = 512,
+    refit_neural: bool = True,
 ) -> Experiment:
     """Fit and evaluate ``model_names`` on ``train`` -> ``test`` (``SessionId ItemId Time`` frames).
 
@@ -167,7 +186,8 @@ def train_and_evaluate(
     index = ItemIndex.from_items(train["ItemId"])
     train_data, _ = SessionData.from_frame(train, index)
     test_data, unknown_events = SessionData.from_frame(test, index)
-    run = _Run(train_data, overrides, {"device": device, "seed": seed, "valid_days": valid_days})
+    run = _Run(train_data, overrides, {"device": device, "seed": seed, "valid_days": valid_days,
+                                      "refit_neural": refit_neural})
     dataset = {
         "fingerprint": fingerprint(index, train_data, test_data),
         "catalogue_items": len(index),

@@ -159,6 +159,17 @@ class Hybrid(SessionModel):
         self.validation = results
         self.normalisation, self.weight = results[best]["normalisation"], results[best]["weight"]
 
+    def replace_component(self, name: str, model: SessionModel) -> None:
+        """Swap a fitted component for the same model trained on more data, keeping the blend.
+
+        The experiment runner tunes the blend with a neural component trained on the carved part (so the
+        validation day is unseen), then hands in the same model retrained on all training data for the best
+        number of epochs — what the non-neural components get through ``refit_on_train``.
+        """
+        if name not in self._models:
+            raise ModelError(f"hybrid: no fitted component {name!r} to replace (components {self.config.components})")
+        self._models[name] = model
+
     def score(self, prefixes: Prefixes) -> np.ndarray:
         if self.weight is None or self.normalisation is None or not self._models:
             raise ModelError("hybrid is not fitted: call fit() or load a saved model")
