@@ -1,0 +1,100 @@
+"""Candidate retrieval over a neural model's item embeddings with FAISS.
+
+A neural model's score is ``session_embedding @ item_embeddings.T`` (see `SessionModel.item_embeddings`), so the
+top candidates are a maximum-inner-product search. Below ``ann_threshold`` items an exact flat index answers in well
+under a millisecond; above it an HNSW graph does, with its search breadth (``efSearch``) raised step by step until
+recall@100 against the exact index reaches the target on real session embeddings. The recall reached is kept on the
+index, so that `/readyz` and the benchmark report what the service actually runs with.
+
+FAISS uses OpenMP threads per query by default; one query per request is faster single-threaded, and the service
+runs many requests in parallel, so every ranking thread sets one thread (`single_threaded`; the setting belongs
+to the thread that makes it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: HNSW graph degree and build breadth: standard values for d <= 256 (FAISS wiki, "Indexing 1M vectors").
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 200
+#: Search breadths tried, smallest first; the first that meets the recall target is kept.
+EF_SEARCH_STEPS = (64, 128, 256, 512, 1024, 2048)
+RECALL_AT = 100
+DEFAULT_RECALL_TARGET = 0.95
+
+
+@dataclass
+class CandidateIndex:
+    """The FAISS index of one model version plus the vectors, for exact re-scoring of merged candidates."""
+
+    index: object  # faiss.Index
+    vectors: np.ndarray  # float32 (n_items, d), C-contiguous
+    kind: str  # "exact" or "hnsw"
+    params: dict[str, int] = field(default_factory=dict)
+    recall: float | None = None  # recall@RECALL_AT vs exact, measured when the ANN index was tuned
+
+    def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``n`` item indices and inner products per query row (``-1`` pads when fewer items exist)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        scores, ids = self.index.search(queries, min(n, len(self.vectors)))  # type: ignore[attr-defined]
+        return ids, scores
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": self.kind, "items": len(self.vectors), **self.params, "recall_at_100": self.recall}
+
+
+def single_threaded() -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
+def exact_index(vectors: np.ndarray) -> CandidateIndex:
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    return CandidateIndex(index=index, vectors=vectors, kind="exact")
+
+
+def recall_at(ann: CandidateIndex, exact: CandidateIndex, queries: np.ndarray, n: int = RECALL_AT) -> float:
+    """Share of the exact top-``n`` that the ANN index also returns, averaged over ``queries``."""
+    truth, _ = exact.search(queries, n)
+    found, _ = ann.search(queries, n)
+    hits = [len(np.intersect1d(t[t >= 0], f[f >= 0])) / max((t >= 0).sum(), 1) for t, f in zip(truth, found)]
+    return float(np.mean(hits)) if hits else 1.0
+
+
+def hnsw_index(
+    vectors: np.ndarray, queries: np.ndarray, target: float = DEFAULT_RECALL_TARGET, exact: CandidateIndex | None = None
+) -> CandidateIndex:
+    """An HNSW index whose ``efSearch`` is the smallest step reaching ``target`` recall on ``queries``; the
+    largest step when none does (its recall is recorded either way, so a shortfall is visible)."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    exact = exact or exact_index(vectors)
+    index = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    index.add(vectors)
+    ann = CandidateIndex(index=index, vectors=vectors, kind="hnsw")
+    for ef in EF_SEARCH_STEPS:
+        index.hnsw.efSearch = ef
+        ann.params = {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": ef}
+        ann.recall = recall_at(ann, exact, queries)
+        if ann.recall >= target:
+            break
+    return ann
+
+
+def build_candidate_index(
+    vectors: np.ndarray, ann_threshold: int, queries: np.ndarray, target: float = DEFAULT_RECALL_TARGET
+) -> CandidateIndex:
+    """Exact below ``ann_threshold`` items, HNSW tuned on ``queries`` (session embeddings) at or above it."""
+    if len(vectors) < ann_threshold:
+        return exact_index(vectors)
+    return hnsw_index(vectors, queries, target)

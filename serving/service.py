@@ -1,0 +1,79 @@
+"""The BentoML service: ``bentoml serve sessionrec.serving.service:Recommender``, and what the Bento runs.
+
+The whole API is the Starlette app of `app.py`, mounted into the service. Two settings make BentoML fast enough
+for the 50 ms / 1,000 req/s target (measured by benchmarks/serve_load.py on the 2-core machine; an echo endpoint
+mounted with BentoML's defaults answers ~300-400 req/s, with these ~1,200):
+
+* `ApiFirst`, an ASGI middleware, hands our paths straight to our app. BentoML's own routes for ``/healthz``,
+  ``/readyz`` and ``/metrics`` come before mounted apps and would otherwise answer instead of ours (ours say which
+  model is loaded and why not), and its router adds work to every request.
+* OpenTelemetry spans are switched off for our paths (``tracing.excluded_urls``): creating them cost more than the
+  ranking itself. BentoML's metrics and access-log middlewares are off; the service exports its own metrics and
+  logs failures.
+
+Settings: the file named by ``SESSIONREC_SETTINGS_FILE`` (written by `server.serve`, so that a CLI invocation's
+settings reach the worker processes whole), else `load_settings()` (``sessionrec.toml`` and ``SESSIONREC_*``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import bentoml
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sessionrec.config import Settings, load_settings
+from sessionrec.serving.app import RecommenderApp
+from sessionrec.serving.model_provider import RegistrySource
+from sessionrec.serving.server import SETTINGS_FILE_ENV
+SERVICE_NAME = "sessionrec-recommender"
+#: Worker processes. One by default: the in-memory session store is per process, and on 2 cores a second worker
+#: competes with the first (override with BENTOML_CONFIG_OPTIONS='services."sessionrec-recommender".workers=2').
+WORKERS = 1
+#: Paths our app answers (everything else falls through to BentoML).
+API_PATHS = frozenset(
+    {"/recommend", "/events", "/feedback", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"}
+)
+API_PREFIXES = ("/admin/",)
+
+
+def settings_from_environment() -> Settings:
+    path = os.environ.get(SETTINGS_FILE_ENV)
+    if path:
+        return Settings.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    return load_settings()
+
+
+class ApiFirst:
+    """Routes requests for our paths to ``api`` before BentoML's router sees them."""
+
+    def __init__(self, app: ASGIApp, api: ASGIApp) -> None:
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (scope["path"] in API_PATHS or scope["path"].startswith(API_PREFIXES)):
+            await self.api(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+settings = settings_from_environment()
+api = RecommenderApp(settings, lambda: RegistrySource(settings.tracking_uri, settings.tracking.registered_model))
+
+
+@bentoml.asgi_app(api.app, path="/")
+@bentoml.service(
+    name=SERVICE_NAME,
+    workers=WORKERS,
+    traffic={"timeout": 30},
+    metrics={"enabled": False},
+    logging={"access": {"enabled": False}},
+    tracing={"excluded_urls": [f"{path}$" for path in sorted(API_PATHS)] + [f"{p}.*" for p in API_PREFIXES]},
+)
+class Recommender:
+    """Session-based recommendations from the champion (and canary challenger) of the model registry."""
+
+
+Recommender.add_asgi_middleware(ApiFirst, api=api.app)
