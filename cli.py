@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError as PydanticValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sessionrec.config import Settings, load_settings
@@ -140,6 +141,8 @@ def run(
     events: Annotated[int | None, typer.Option("--events", min=1_000, help="synthetic events to generate")] = None,
     models: Annotated[str | None, typer.Option("--models", help="comma-separated; default: settings")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda")] = None,
+    serve_demo: Annotated[bool, typer.Option("--serve-demo/--no-serve-demo",
+                                             help="end by serving the champion and sending a few requests")] = True,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     home: HomeOpt = None,
@@ -163,6 +166,8 @@ def run(
     print_summary(outcome, console)
     if not outcome.success:
         raise typer.Exit(1)
+    if serve_demo and outcome.metadata.get("champion_model"):
+        _demo_requests(settings, settings.outputs_dir / "split" / "test.tsv")
 
 
 @app.command()
@@ -300,6 +305,74 @@ def mlflow_ui(
          str(settings.artifacts_dir), "--host", "127.0.0.1", "--port", str(port)],
         check=False,
     )
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 3000,
+    config: ConfigOpt = None,
+    profile: ProfileOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Serve the registry's champion (and challenger) over HTTP: POST /recommend, /events, /feedback; OpenAPI at
+    /openapi.json. Keys: SESSIONREC_API_KEYS (header X-API-Key); admin token: SESSIONREC_ADMIN_TOKEN."""
+    from sessionrec.serving.server import serve as run_server
+
+    run_server(_settings(config, profile, home), port)
+
+
+def _demo_requests(settings: Settings, test_split: Path, n_sessions: int = 3) -> None:
+    """Start the real server on a free loopback port, send a few requests from test sessions, print the answers."""
+    import secrets
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    import httpx
+    import polars as pl
+
+    from sessionrec.serving.server import serve_command, serve_environment
+
+    key = secrets.token_urlsafe(16)
+    settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"api_keys": (key,)})})
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sessions = (pl.read_csv(test_split, separator="\t", schema_overrides={"SessionId": pl.String, "ItemId": pl.String})
+                .group_by("SessionId", maintain_order=True).agg("ItemId").head(n_sessions).rows())
+    with tempfile.TemporaryDirectory(prefix="sessionrec-demo-") as tmp:
+        env = serve_environment(settings, Path(tmp) / "settings.json")
+        server = subprocess.Popen(serve_command(settings, port), env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            else:
+                err.print("the demo server did not become ready within 120 s; skipping the demo requests")
+                return
+            console.print(f"[bold]serving[/] on {base} (OpenAPI at {base}/openapi.json): a few requests")
+            for session_id, items in sessions:
+                body = {"session_id": f"demo-{session_id}", "events": [{"item_id": i} for i in items[:-1]], "k": 5}
+                answer = httpx.post(f"{base}/recommend", json=body, headers={"X-API-Key": key}, timeout=10).json()
+                top = ", ".join(i["item_id"] for i in answer.get("items", []))
+                console.print(escape(
+                    f"  session {session_id} after {items[:-1][-3:]} → [{top}] (next was {items[-1]}; model "
+                    f"{answer['model']['name']} v{answer['model']['version']}, {answer['variant']}, "
+                    f"fallback {answer['fallback']}, {answer['took_ms']:.1f} ms)"))
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 @app.command()
