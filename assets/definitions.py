@@ -9,6 +9,7 @@ import dagster as dg
 
 from sessionrec.assets.ingestion import lake_events, raw_events, raw_events_valid
 from sessionrec.assets.resources import SessionrecResource
+from sessionrec.assets.serving import recommender_bento
 from sessionrec.assets.sessions import session_split, sessions, sessions_valid
 from sessionrec.assets.training import (
     challenger_beats_baselines,
@@ -20,7 +21,7 @@ from sessionrec.assets.training import (
 
 DATA_ASSETS = [raw_events, lake_events, sessions, session_split]
 DATA_CHECKS = [raw_events_valid, sessions_valid]
-MODEL_ASSETS = [trained_models, model_evaluation, registered_model, champion_model]
+MODEL_ASSETS = [trained_models, model_evaluation, registered_model, champion_model, recommender_bento]
 MODEL_CHECKS = [challenger_beats_baselines]
 
 main_job = dg.define_asset_job("main", selection=dg.AssetSelection.all(), description="ingest → validate → "

@@ -91,6 +91,9 @@ def print_summary(outcome: RunOutcome, console: Console) -> None:
     if registered:
         console.print(f"registered {registered.get('model')} as version {registered.get('version')} "
                       f"(alias challenger); MLflow run {registered.get('mlflow_run')}")
+    bento = md.get("recommender_bento", {})
+    if bento.get("built"):
+        console.print(f"Bento built: {bento.get('bento_tag')} ({bento.get('serve')})")
     if champion:
         verdict = "passed" if champion.get("gate_passed") else "refused"
         console.print(f"promotion gate {verdict}; champion is version {champion.get('champion_version')}\n"

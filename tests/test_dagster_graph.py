@@ -119,6 +119,8 @@ def test_train_evaluate_register_promote_on_real_yoochoose(shared_data, tmp_path
     assert evaluation["challenger_mrr@20"] > 0.3  # far above popularity (about 0.03) on this split
     champion = _metadata(result, "champion_model")
     assert champion["gate_passed"] is True and champion["champion_version"] == 1
+    bento = _metadata(result, "recommender_bento")
+    assert bento["built"] is True and bento["bento_tag"].startswith("sessionrec-recommender:")
     settings = load_settings(home=tmp_path)
     versions = Registry(settings.tracking_uri, settings.tracking.registered_model).list_versions()
     assert [v.aliases for v in versions] == [["challenger", "champion"]]
