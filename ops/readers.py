@@ -37,7 +37,13 @@ from typing import Any
 import polars as pl
 
 from sessionrec.ops.errors import DatasetError
-from sessionrec.ops.schema import MAX_RAW_CHARS, QUARANTINE_SCHEMA, RAW_COLUMNS
+from sessionrec.ops.schema import (
+    CANONICAL_FIELDS,
+    MAX_RAW_CHARS,
+    QUARANTINE_SCHEMA,
+    RAW_FRAME_SCHEMA,
+    REQUIRED_COLUMNS,
+)
 from sessionrec.ops.timestamps import TIMESTAMP_UNITS, TimestampUnit, parse_timestamps
 
 FORMATS: tuple[str, ...] = (
@@ -54,33 +60,9 @@ FORMATS: tuple[str, ...] = (
 )
 #: Formats read through a `ColumnMapping`; the others have a fixed, documented layout.
 GENERIC_FORMATS: tuple[str, ...] = ("csv", "tsv", "parquet", "jsonl")
-CANONICAL_FIELDS: tuple[str, ...] = (
-    "event_id",
-    "session_id",
-    "user_id",
-    "item_id",
-    "timestamp",
-    "event_type",
-    "category",
-    "price",
-)
 #: A generic file needs these, plus a session id or a user id (sessions are then derived by inactivity).
-REQUIRED_FIELDS: tuple[str, ...] = ("item_id", "timestamp")
+REQUIRED_FIELDS = REQUIRED_COLUMNS
 
-#: The raw frame every reader returns (the columns of `ops.schema.RAW_COLUMNS`, typed).
-RAW_FRAME_SCHEMA: dict[str, pl.DataType] = {
-    "event_id": pl.String(),
-    "session_id": pl.String(),
-    "user_id": pl.String(),
-    "item_id": pl.String(),
-    "timestamp": pl.Datetime("us", "UTC"),
-    "event_type": pl.String(),
-    "category": pl.String(),
-    "price": pl.Float64(),
-    "source": pl.String(),
-    "source_line": pl.Int64(),
-}
-assert tuple(RAW_FRAME_SCHEMA) == RAW_COLUMNS
 
 #: Event type of files that record one kind of interaction and have no event type column (as YOOCHOOSE clicks).
 IMPLICIT_EVENT_TYPE = "click"

@@ -24,19 +24,23 @@ EVENT_SCHEMA: dict[str, pl.DataType] = {
     "seq": pl.Int64(),  # arrival order across all ingested batches: the stable tie-break and the lateness clock
 }
 
-#: Columns a raw frame must carry (values untyped); `source`/`source_line` are set by the reader.
-RAW_COLUMNS: tuple[str, ...] = (
-    "event_id",
-    "session_id",
-    "user_id",
-    "item_id",
-    "timestamp",
-    "event_type",
-    "category",
-    "price",
-    "source",
-    "source_line",
-)
+#: The raw frame every reader (and, later, the stream consumer) returns: canonical names, timestamps parsed,
+#: ids still as the source spelled them. `source`/`source_line` say where each row came from.
+RAW_FRAME_SCHEMA: dict[str, pl.DataType] = {
+    "event_id": pl.String(),
+    "session_id": pl.String(),
+    "user_id": pl.String(),
+    "item_id": pl.String(),
+    "timestamp": pl.Datetime("us", "UTC"),
+    "event_type": pl.String(),
+    "category": pl.String(),
+    "price": pl.Float64(),
+    "source": pl.String(),
+    "source_line": pl.Int64(),
+}
+RAW_COLUMNS: tuple[str, ...] = tuple(RAW_FRAME_SCHEMA)
+#: The fields of an event a column mapping can name (everything but the provenance columns).
+CANONICAL_FIELDS: tuple[str, ...] = RAW_COLUMNS[:-2]
 
 #: Columns without which no event can be built; a source lacking one of them is a dataset-level error.
 REQUIRED_COLUMNS: tuple[str, ...] = ("item_id", "timestamp")
