@@ -69,11 +69,10 @@ def _rules(cfg: IngestConfig, now: datetime) -> list[tuple[str, pl.Expr, pl.Expr
                 pl.format(f"{column} has {{}} characters (limit {cfg.max_id_length})", pl.col(column).str.len_chars()),
             )
         )
-        bad = ~pl.col(column).str.contains(cfg.id_pattern)
         rules.append(
             (
                 f"bad_{column}",
-                bad.fill_null(False) & ~_blank(column),
+                ~pl.col(column).str.contains(cfg.id_pattern).fill_null(True) & ~_blank(column),
                 pl.format(f"{column} {{}} does not match {cfg.id_pattern}", pl.col(column).str.slice(0, 80)),
             )
         )
@@ -124,6 +123,19 @@ def content_hash() -> pl.Expr:
     return pl.format("h{}-{}", first.cast(pl.String), second.cast(pl.String))
 
 
+def _repeated(ids: pl.Series) -> pl.Series:
+    """True for every id already seen earlier in the series (exact).
+
+    A 64-bit hash narrows the search to ids whose hash repeats (cheap integer work on every row); the exact
+    string comparison runs on those candidates only.
+    """
+    repeated = pl.repeat(False, len(ids), dtype=pl.Boolean, eager=True)
+    candidates = ids.hash(seed=7).is_duplicated()
+    if candidates.any():
+        repeated = repeated.scatter(candidates.arg_true(), ~ids.filter(candidates).is_first_distinct())
+    return repeated
+
+
 def normalize(
     raw: pl.DataFrame,
     cfg: IngestConfig,
@@ -151,12 +163,16 @@ def normalize(
         (pl.int_range(pl.len(), dtype=pl.Int64) + seq_base).alias("seq"),
     )
     rules = _rules(cfg, now)
-    # The reason is a cheap code on every row; the human-readable detail is built for the bad rows only.
+    # Each rule's mask is its own column (polars evaluates them in parallel); the reason is a cheap code on every
+    # row, the first rule broken; the human-readable detail is built for the rejected rows only.
+    masks = [f"_m{position}" for position in range(len(rules))]
+    frame = frame.with_columns(failing.fill_null(False).alias(m) for m, (_, failing, _) in zip(masks, rules))
     reason = pl.lit(None, dtype=pl.Int16)
-    for position, (_, failing, _) in reversed(list(enumerate(rules))):
-        reason = pl.when(failing.fill_null(False)).then(pl.lit(position, dtype=pl.Int16)).otherwise(reason)
-    frame = frame.with_columns(reason.alias("_rule"))
-    frame = frame.with_columns(pl.coalesce(pl.col("event_id"), content_hash()).alias("event_id"))
+    for position in reversed(range(len(rules))):
+        reason = pl.when(pl.col(masks[position])).then(pl.lit(position, dtype=pl.Int16)).otherwise(reason)
+    frame = frame.with_columns(reason.alias("_rule")).drop(masks)
+    if frame["event_id"].null_count():
+        frame = frame.with_columns(pl.coalesce(pl.col("event_id"), content_hash()).alias("event_id"))
     detail = pl.lit(None, dtype=pl.String)
     for position, (_, _, why) in enumerate(rules):
         detail = pl.when(pl.col("_rule") == position).then(why).otherwise(detail)
@@ -165,7 +181,7 @@ def normalize(
         detail.alias("_detail"),
     )
     good = frame.filter(pl.col("_rule").is_null())
-    dup = good.select(~pl.col("event_id").is_first_distinct()).to_series()
+    dup = _repeated(good["event_id"])
     duplicates = good.filter(dup).with_columns(
         pl.lit("duplicate_event").alias("_reason"),
         pl.format("event_id {} already seen earlier in this batch", pl.col("event_id")).alias("_detail"),
