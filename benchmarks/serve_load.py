@@ -82,7 +82,8 @@ def _child(argv: list[str]) -> None:
         from sessionrec.serving.model_provider import RegistrySource
 
         settings = Settings.model_validate_json(Path(argv[2]).read_text())
-        app = RecommenderApp(settings, lambda: RegistrySource(settings.tracking_uri, settings.tracking.registered_model))
+        source = RegistrySource(settings.tracking_uri, settings.tracking.registered_model)
+        app = RecommenderApp(settings, lambda: source)
         uvicorn.run(app.app, host="127.0.0.1", port=int(argv[1]), log_level="warning", access_log=False)
 
 
@@ -118,8 +119,11 @@ def synthetic(n_items: int, n_events: int, seed: int) -> Workload:
         frame.filter(pl.col("SessionId").is_in(held_out)).group_by("SessionId", maintain_order=True)
         .agg(pl.col("ItemId"))["ItemId"].to_list()
     )
+    # Item table: the category of every item, popularity counted on the training sessions only.
+    trained = events.filter(~pl.col("session_id").is_in(held_out)).group_by("item_id").len("popularity")
     items = (
-        events.group_by("item_id").agg(pl.col("category").first(), pl.len().alias("popularity"))
+        events.group_by("item_id").agg(pl.col("category").first())
+        .join(trained, on="item_id", how="left")
         .with_columns(pl.col("popularity").cast(pl.Float64))
     )
     return Workload(f"synthetic, {n_items:,} items", index, train, [s for s in replay if len(s) >= 2], items)
@@ -131,7 +135,8 @@ def yoochoose() -> Workload:
     train, _ = SessionData.from_frame(frame, index)
     test = read_split_tsv(YOOCHOOSE / "yoochoose-clicks-100k_test.txt")
     replay = test.group_by("SessionId", maintain_order=True).agg(pl.col("ItemId"))["ItemId"].to_list()
-    return Workload(f"YOOCHOOSE 100k slice, {len(index):,} items", index, train, [s for s in replay if len(s) >= 2], None)
+    sessions = [s for s in replay if len(s) >= 2]
+    return Workload(f"YOOCHOOSE 100k slice, {len(index):,} items", index, train, sessions, None)
 
 
 def fit(name: str, data: Workload, train_seconds: float) -> SessionModel:
@@ -176,7 +181,8 @@ class Level:
             "requests": self.requests, "rps": self.requests / self.seconds if self.seconds else 0.0,
             "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
             "p99_ms": float(np.percentile(lat, 99)),
-            "error_rate": self.errors / max(self.requests, 1), "fallback_rate": self.fallbacks / max(self.requests, 1),
+            "error_rate": self.errors / max(self.requests, 1),
+            "fallback_rate": self.fallbacks / max(self.requests, 1),
         }
 
 
@@ -188,10 +194,11 @@ def _request(path: str, body: dict, headers: str = f"X-API-Key: {KEY}\r\n") -> b
 
 
 class Replayer:
-    """Bodies for one virtual user: it replays sessions event by event under fresh session ids."""
+    """Bodies for one virtual user: it replays sessions event by event under fresh session ids (``run`` keeps the
+    ids of different levels apart, so that no level continues the sessions of another)."""
 
-    def __init__(self, endpoint: str, sessions: list[list[str]], user: int) -> None:
-        self.endpoint, self.sessions, self.user = endpoint, sessions, user
+    def __init__(self, endpoint: str, sessions: list[list[str]], user: int, run: str) -> None:
+        self.endpoint, self.sessions, self.user, self.run = endpoint, sessions, user, run
         self.rng = random.Random(user)
         self.visit = 0
         self._start()
@@ -204,7 +211,7 @@ class Replayer:
     def next(self) -> bytes:
         if self.position >= len(self.session):
             self._start()
-        session_id = f"bench-{self.user}-{self.visit}"
+        session_id = f"bench-{self.run}-{self.user}-{self.visit}"
         item = self.session[self.position]
         self.position += 1
         if self.endpoint == "/recommend":
@@ -248,7 +255,8 @@ async def drive(target: str, port: int, endpoint: str, sessions: list[list[str]]
     level = Level(target, endpoint, concurrency)
     started = time.perf_counter()
     budget = [max_requests]
-    await asyncio.gather(*(_user(port, Replayer(endpoint, sessions, u), level, started + seconds, budget)
+    run = f"{os.getpid()}.{time.monotonic_ns()}"
+    await asyncio.gather(*(_user(port, Replayer(endpoint, sessions, u, run), level, started + seconds, budget)
                            for u in range(concurrency)))
     level.seconds = time.perf_counter() - started
     return level
@@ -277,6 +285,25 @@ def _wait_ready(url: str, process: subprocess.Popen) -> None:
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{url} not ready after {START_TIMEOUT_S} s")
+
+
+def _wait_all_workers(port: int) -> None:
+    """With several worker processes /readyz answers from one of them: wait until 50 recommendations in a row, each
+    on a new connection (so that the kernel hands them to different workers), are served (a worker still loading
+    answers 503)."""
+    import httpx
+
+    body = {"session_id": "warm-up", "k": 5}
+    deadline, in_a_row = time.monotonic() + START_TIMEOUT_S, 0
+    with httpx.Client() as client:
+        while in_a_row < 50:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the workers did not all become ready")
+            headers = {"X-API-Key": KEY, "Connection": "close"}
+            status = client.post(f"http://127.0.0.1:{port}/recommend", json=body, headers=headers).status_code
+            in_a_row = in_a_row + 1 if status == 200 else 0
+            if status != 200:
+                time.sleep(0.5)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -326,14 +353,15 @@ def in_process_ranking(model: SessionModel, data: Workload, settings: Settings, 
 def ann_recall(model: SessionModel, data: Workload, n_queries: int = 500) -> dict[str, float | int] | None:
     """Exact versus the HNSW index the service would build (tuned as `make_servable` tunes it), on real replayed
     session prefixes: recall@100 and single-query search time."""
-    from sessionrec.serving.candidates import exact_index, hnsw_index, recall_at, single_threaded
+    from sessionrec.serving.candidates import REQUIRED_RECALL, exact_index, hnsw_index, recall_at, single_threaded
     from sessionrec.serving.model_provider import ANN_TUNING_QUERIES
 
     vectors = model.item_embeddings()
     if vectors is None:
         return None
     single_threaded()
-    popular = np.argsort(-np.bincount(data.train.items, minlength=len(data.index)), kind="stable")[:ANN_TUNING_QUERIES]
+    counts = np.bincount(data.train.items, minlength=len(data.index))
+    popular = np.argsort(-counts, kind="stable")[:ANN_TUNING_QUERIES]
     tuning = model.session_embeddings(Prefixes([np.array([i]) for i in popular], np.zeros(len(popular))))
     rng = random.Random(1)
     prefixes = []
@@ -354,8 +382,10 @@ def ann_recall(model: SessionModel, data: Workload, n_queries: int = 500) -> dic
             index.search(row[None, :], 100)
         return (time.perf_counter() - started) * 1000.0 / len(queries)
 
+    replayed = recall_at(ann, exact, queries)
     return {"items": len(vectors), "dimensions": int(vectors.shape[1]), **ann.params,
-            "recall_at_100_tuning": ann.recall, "recall_at_100_replayed_sessions": recall_at(ann, exact, queries),
+            "recall_at_100_tuning": ann.recall, "recall_at_100_replayed_sessions": replayed,
+            "meets_required_recall": replayed >= REQUIRED_RECALL,
             "hnsw_build_s": build_s, "exact_search_ms": per_query_ms(exact), "hnsw_search_ms": per_query_ms(ann)}
 
 
@@ -370,26 +400,33 @@ def _item_table(data: Workload, settings: Settings):
     return ItemTable.load(None, path)
 
 
-# -- the run --------------------------------------------------------------------------------------------------------
+# -- the run -----------------------------------------------------------------------------------------------------
 
 
-def _drive_all(target: str, port: int, endpoints: list[str], data: Workload, args: argparse.Namespace) -> list[Level]:
+def _drive_all(
+    target: str, port: int, endpoints: list[str], data: Workload, args: argparse.Namespace
+) -> list[Level]:
     import uvloop
 
     levels = []
     for endpoint in endpoints:
         for concurrency in args.concurrency:
-            level = uvloop.run(drive(target, port, endpoint, data.replay, concurrency, args.seconds, args.max_requests))
+            level = uvloop.run(
+                drive(target, port, endpoint, data.replay, concurrency, args.seconds, args.max_requests)
+            )
             levels.append(level)
             row = level.summary()
-            print(f"  {target:8s} {endpoint:10s} c={concurrency:<4d} {row['rps']:8.0f} req/s  p50 {row['p50_ms']:6.1f}"
+            print(f"  {target:8s} {endpoint:10s} c={concurrency:<4d} {row['rps']:8.0f} req/s"
+                  f"  p50 {row['p50_ms']:6.1f}"
                   f"  p95 {row['p95_ms']:6.1f}  p99 {row['p99_ms']:6.1f} ms  errors {row['error_rate']:.2%}"
                   f"  fallbacks {row['fallback_rate']:.2%}", flush=True)
     return levels
 
 
 def _spawn(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -410,7 +447,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ann-threshold", type=int, default=None,
                         help="serving.ann_threshold_items (catalogues this large get the HNSW index)")
     parser.add_argument("--candidates", type=int, default=None, help="serving.candidates")
-    parser.add_argument("--workers", type=int, default=None, help="BentoML worker processes (default: the service's)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="BentoML worker processes (default: the service's)")
     parser.add_argument("--compare-uvicorn", action="store_true", help="also drive the app under plain uvicorn")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve_load.json")
     args = parser.parse_args(argv)
@@ -431,13 +469,14 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings(home=Path(tmp), serving=serving)
         _item_table(data, settings)
         if data.items is not None:
-            settings = Settings(home=Path(tmp), serving={**serving,
-                                                         "availability_path": settings.serving_dir / "items.parquet"})
+            item_table = settings.serving_dir / "items.parquet"
+            settings = Settings(home=Path(tmp), serving={**serving, "availability_path": item_table})
         register(model, data, settings)
         results["ranking"] = in_process_ranking(model, data, settings, n=2_000)
-        print(f"  in-process ranking: p50 {results['ranking']['p50_ms']:.2f} ms, p99 {results['ranking']['p99_ms']:.2f}"
-              f" ms, {results['ranking']['calls_per_s_sequential']:.0f} calls/s one at a time, "
-              f"{results['ranking']['calls_per_s_64_concurrent']:.0f} calls/s 64 at a time", flush=True)
+        ranking = results["ranking"]
+        print(f"  in-process ranking: p50 {ranking['p50_ms']:.2f} ms, p99 {ranking['p99_ms']:.2f} ms, "
+              f"{ranking['calls_per_s_sequential']:.0f} calls/s one at a time, "
+              f"{ranking['calls_per_s_64_concurrent']:.0f} calls/s 64 at a time", flush=True)
         results["ann"] = ann_recall(model, data)
         if results["ann"]:
             print(f"  ANN: {json.dumps(results['ann'])}", flush=True)
@@ -457,6 +496,7 @@ def main(argv: list[str] | None = None) -> None:
         server = _spawn(serve_command(settings, port), env)
         try:
             _wait_ready(f"http://127.0.0.1:{port}/readyz", server)
+            _wait_all_workers(port)
             endpoints = ["/recommend", "/events", "/feedback"]
             results["levels"] += [lv.summary() for lv in _drive_all("bentoml", port, endpoints, data, args)]
         finally:
@@ -467,7 +507,8 @@ def main(argv: list[str] | None = None) -> None:
             plain = _spawn([sys.executable, __file__, "_app", str(port), str(Path(tmp) / "settings.json")])
             try:
                 _wait_ready(f"http://127.0.0.1:{port}/readyz", plain)
-                results["levels"] += [lv.summary() for lv in _drive_all("uvicorn", port, ["/recommend"], data, args)]
+                levels = _drive_all("uvicorn", port, ["/recommend"], data, args)
+                results["levels"] += [lv.summary() for lv in levels]
             finally:
                 _stop(plain)
 
@@ -477,10 +518,11 @@ def main(argv: list[str] | None = None) -> None:
         for row in results["levels"]
         if row["endpoint"] == "/recommend" and echo_rps.get(row["concurrency"])
     }
-    results["ratios"]["ranking alone (64 at a time) vs bentoml /recommend best"] = results["ranking"][
-        "calls_per_s_64_concurrent"] / max(
-        [row["rps"] for row in results["levels"] if row["target"] == "bentoml" and row["endpoint"] == "/recommend"],
-        default=float("nan"))
+    served = [row["rps"] for row in results["levels"]
+              if row["target"] == "bentoml" and row["endpoint"] == "/recommend"]
+    results["ratios"]["ranking alone (64 at a time) vs bentoml /recommend best"] = (
+        results["ranking"]["calls_per_s_64_concurrent"] / max(served, default=float("nan"))
+    )
     for name, ratio in results["ratios"].items():
         print(f"  ratio {name}: {ratio:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ def _integral(value: Any) -> Any:
 
 
 Integer = Annotated[int, BeforeValidator(_integral)]
-#: Context keys are free text (no pattern: JSON Schema cannot express a pattern on keys the way pydantic checks it).
+#: Context keys are free text: JSON Schema cannot express a pattern on keys the way pydantic checks it.
 ContextKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_LENGTH)]
 ContextValue = Annotated[str, StringConstraints(max_length=MAX_TEXT_LENGTH)] | int | float | bool | None
 
@@ -107,7 +107,7 @@ class Readiness(BaseModel):
 
 
 class Error(BaseModel):
-    error: str = Field(description="stable code: bad_request, unauthorized, rate_limited, too_large, not_ready ...")
+    error: str = Field(description="stable code: bad_request, unauthorized, rate_limited, too_large, not_ready")
     detail: str | list[dict[str, Any]] = Field(description="what was wrong and how to fix it")
 
 
@@ -121,7 +121,9 @@ class RequestModels:
 
 def request_models(serving: ServingConfig, ingest: IngestConfig) -> RequestModels:
     """Request bodies bounded by the configured limits."""
-    Id = Annotated[str, StringConstraints(min_length=1, max_length=ingest.max_id_length, pattern=ingest.id_pattern)]
+    Id = Annotated[
+        str, StringConstraints(min_length=1, max_length=ingest.max_id_length, pattern=ingest.id_pattern)
+    ]
     n_events = serving.max_events_per_request
     Event = create_model(
         "Event",
@@ -145,19 +147,25 @@ def request_models(serving: ServingConfig, ingest: IngestConfig) -> RequestModel
         "RecommendRequest",
         __base__=_Body,
         session_id=(Id, ...),
-        events=(list[Event], Field(default_factory=list, max_length=n_events, description="appended first")),  # type: ignore[valid-type]
+        events=(
+            list[Event],  # type: ignore[valid-type]
+            Field(default_factory=list, max_length=n_events, description="appended to the session first"),
+        ),
         k=(Integer, Field(serving.k_default, ge=1, le=serving.k_max, description="number of items to return")),
         filters=(Filters, Field(default_factory=Filters)),  # type: ignore[valid-type]
         context=(
             dict[ContextKey, ContextValue],
-            Field(default_factory=dict, max_length=MAX_CONTEXT_KEYS, description="free-form, kept in the request log"),
+            Field(default_factory=dict, max_length=MAX_CONTEXT_KEYS, description="free-form, kept in the log"),
         ),
     )
     events = create_model(
         "EventsRequest",
         __base__=_Body,
         session_id=(Id, ...),
-        events=(list[Event], Field(min_length=1, max_length=n_events, description="oldest first")),  # type: ignore[valid-type]
+        events=(
+            list[Event],  # type: ignore[valid-type]
+            Field(min_length=1, max_length=n_events, description="oldest first"),
+        ),
     )
     feedback = create_model(
         "FeedbackRequest",

@@ -1,10 +1,11 @@
 """The HTTP API: a Starlette app that parses, authenticates, limits and serialises; `ServingRuntime` does the work.
 
 Why Starlette with pydantic models validated by hand rather than FastAPI or BentoML ``@api`` methods: on this
-2-core machine a bare Starlette endpoint answers ~4,500 req/s, the same endpoint under FastAPI ~1,500 and under
-BentoML's default stack ~300-400 (measured with benchmarks/serve_load.py); the ranking path must fit in 50 ms at
-1,000 req/s. The OpenAPI document is generated from the same pydantic models that validate the bodies
-(`openapi_document`), so the schema and the behaviour cannot drift apart.
+2-core machine a bare Starlette echo endpoint answers ~4,000-9,000 req/s, the same endpoint under FastAPI
+~1,300-1,500 and mounted under BentoML's default stack ~300-400 (the same asyncio client as
+benchmarks/serve_load.py); the ranking path must fit in 50 ms at 1,000 req/s. The OpenAPI document is generated
+from the same pydantic models that validate the bodies (`openapi_document`), so the schema and the behaviour
+cannot drift apart.
 
 Bad input is a 4xx whose body says what was wrong: 400 malformed request, 401 missing/unknown key or admin token,
 403 admin disabled, 413 body too large, 422 body that breaks the schema (each error with its field path), 429 rate
@@ -63,7 +64,8 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
         if not declared.isdigit():
             raise ApiProblem(400, "bad_request", "Content-Length must be a non-negative integer")
         if int(declared) > max_bytes:
-            raise ApiProblem(413, "too_large", f"request body of {declared} bytes exceeds the limit of {max_bytes}")
+            detail = f"request body of {declared} bytes exceeds the limit of {max_bytes}"
+            raise ApiProblem(413, "too_large", detail)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -76,7 +78,11 @@ async def _read_body(request: Request, max_bytes: int) -> bytes:
 def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
     """pydantic's errors without the offending input (it may be huge or sensitive)."""
     return [
-        {"field": ".".join(str(part) for part in error["loc"]) or "(body)", "message": error["msg"], "type": error["type"]}
+        {
+            "field": ".".join(str(part) for part in error["loc"]) or "(body)",
+            "message": error["msg"],
+            "type": error["type"],
+        }
         for error in exc.errors(include_url=False, include_input=False, include_context=False)
     ]
 
@@ -95,7 +101,7 @@ Handler = Callable[[Request], Awaitable[tuple[Response, str]]]
 
 
 class RecommenderApp:
-    """The API bound to one runtime; ``app`` is the ASGI application (its lifespan starts and stops the runtime)."""
+    """The API bound to one runtime; ``app`` is the ASGI application (its lifespan starts and stops it)."""
 
     def __init__(self, settings: Settings, make_source: Callable[[], ModelSource]) -> None:
         self.settings = settings
@@ -145,9 +151,15 @@ class RecommenderApp:
             try:
                 response, variant = await handler(request)
             except ApiProblem as problem:
-                response = _json({"error": problem.code, "detail": problem.detail}, problem.status, problem.headers)
+                body = {"error": problem.code, "detail": problem.detail}
+                response = _json(body, problem.status, problem.headers)
             except NotReadyError as exc:
                 response = _json({"error": "not_ready", "detail": str(exc)}, 503, {"Retry-After": "5"})
+            except Exception:  # a bug, not bad input: logged with its traceback, answered as JSON
+                log.exception("%s failed", name)
+                if self.runtime is not None:
+                    self.runtime.metrics.errors.labels("internal").inc()
+                response = _json({"error": "internal", "detail": "internal error; it is logged"}, 500)
             if self.runtime is not None:
                 metrics = self.runtime.metrics
                 metrics.latency.labels(name, variant).observe(time.perf_counter() - started)
@@ -279,7 +291,8 @@ def openapi_document(models: am.RequestModels) -> dict[str, Any]:
         "paths": {
             "/recommend": {"post": post("Rank items for a session", "RecommendRequest", 200, "RecommendResponse",
                                         (*client, 503), key)},
-            "/events": {"post": post("Append events to a session", "EventsRequest", 200, "EventsResponse", client, key)},
+            "/events": {"post": post("Append events to a session", "EventsRequest", 200, "EventsResponse",
+                                     client, key)},
             "/feedback": {"post": post("Record what the user did with a recommendation", "FeedbackRequest", 202,
                                        "FeedbackResponse", client, key)},
             "/admin/canary": {

@@ -4,8 +4,8 @@ Keys and the token come from the settings (``SESSIONREC_API_KEYS`` / ``SESSIONRE
 file), never from code. Comparisons are constant-time. Logs and metrics name a key by a short hash, never by its
 value.
 
-The rate limit is a token bucket per key and per process: ``rate_limit_per_minute`` tokens a minute, bursts of up to
-`BURST_SECONDS` of that rate. A server with several worker processes lets each of them take that rate.
+The rate limit is a token bucket per key and per process: ``rate_limit_per_minute`` tokens a minute, bursts of up
+to `BURST_SECONDS` of that rate. A server with several worker processes lets each of them take that rate.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Entry point of the Bento: makes the Bento's source folder importable as ``sessionrec``, then exposes the service.
+"""Entry point of the Bento: makes the Bento's source folder importable as ``sessionrec``, then exposes the
+service.
 
 The repository root *is* the ``sessionrec`` package (pyproject maps it), so its modules import each other as
 ``sessionrec.ops...``. ``bentoml build`` copies the files it includes from the repository root into the Bento's

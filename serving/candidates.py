@@ -1,10 +1,11 @@
 """Candidate retrieval over a neural model's item embeddings with FAISS.
 
 A neural model's score is ``session_embedding @ item_embeddings.T`` (see `SessionModel.item_embeddings`), so the
-top candidates are a maximum-inner-product search. Below ``ann_threshold`` items an exact flat index answers in well
-under a millisecond; above it an HNSW graph does, with its search breadth (``efSearch``) raised step by step until
-recall@100 against the exact index reaches the target on real session embeddings. The recall reached is kept on the
-index, so that `/readyz` and the benchmark report what the service actually runs with.
+top candidates are a maximum-inner-product search. Below ``ann_threshold`` items an exact flat index answers in
+well under a millisecond; above it an HNSW graph does, its search breadth (``efSearch``) raised step by step until
+recall@100 against the exact index reaches the target on the given session embeddings (the service uses
+single-item sessions of popular items; benchmarks/serve_load.py checks replayed sessions). The recall reached is
+kept on the index, so that `/readyz` and the benchmark report what the service actually runs with.
 
 FAISS uses OpenMP threads per query by default; one query per request is faster single-threaded, and the service
 runs many requests in parallel, so every ranking thread sets one thread (`single_threaded`; the setting belongs
@@ -21,9 +22,13 @@ import numpy as np
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 #: Search breadths tried, smallest first; the first that meets the recall target is kept.
-EF_SEARCH_STEPS = (64, 128, 256, 512, 1024, 2048)
+EF_SEARCH_STEPS = (64, 96, 128, 192, 256, 512, 1024, 2048)
 RECALL_AT = 100
-DEFAULT_RECALL_TARGET = 0.95
+#: The requirement is recall@100 >= 0.95 on real sessions. The service tunes on single-item sessions of popular
+#: items, which are easier queries (GRU4Rec, 50k items: 0.962 on them, 0.9505 on replayed multi-item sessions at
+#: the same efSearch), so it asks for a margin on them.
+REQUIRED_RECALL = 0.95
+DEFAULT_RECALL_TARGET = 0.97
 
 
 @dataclass
@@ -70,7 +75,10 @@ def recall_at(ann: CandidateIndex, exact: CandidateIndex, queries: np.ndarray, n
 
 
 def hnsw_index(
-    vectors: np.ndarray, queries: np.ndarray, target: float = DEFAULT_RECALL_TARGET, exact: CandidateIndex | None = None
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    target: float = DEFAULT_RECALL_TARGET,
+    exact: CandidateIndex | None = None,
 ) -> CandidateIndex:
     """An HNSW index whose ``efSearch`` is the smallest step reaching ``target`` recall on ``queries``; the
     largest step when none does (its recall is recorded either way, so a shortfall is visible)."""

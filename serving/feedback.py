@@ -3,9 +3,10 @@
 Three logs under the serving directory, one schema each:
 
 * ``requests/``: every `/recommend` answer (request id, session, model version, variant, items, fallback, latency).
-* ``feedback/``: impressions, clicks, add-to-carts and purchases tied to a request id. Each record carries the model
-  version and variant when this process served that request (`RequestMemory`); otherwise monitoring joins it to
-  ``requests/`` on ``request_id`` (the request may have been served by another worker or before a restart).
+* ``feedback/``: impressions, clicks, add-to-carts and purchases tied to a request id. Each record carries the
+  model version and variant when this process served that request (`RequestMemory`); otherwise monitoring joins
+  it to ``requests/`` on ``request_id`` (the request may have been served by another worker or before a
+  restart).
 * ``shadow/``: champion and challenger rankings of the same request, when shadow mode is on.
 
 Records are buffered and written as Parquet part files, ``<log>/date=YYYY-MM-DD/part-<time>-<pid>-<seq>.parquet``,
@@ -103,7 +104,8 @@ class ParquetLog:
     def due(self) -> bool:
         with self._lock:
             pending = len(self._rows)
-        return pending >= self.flush_rows or (pending > 0 and time.monotonic() - self._last_flush >= self.flush_seconds)
+        waited = time.monotonic() - self._last_flush
+        return pending >= self.flush_rows or (pending > 0 and waited >= self.flush_seconds)
 
     def flush(self) -> Path | None:
         """Write the buffered records as one part file; returns its path (None when nothing was buffered)."""
@@ -114,7 +116,8 @@ class ParquetLog:
             return None
         table = pa.Table.from_pylist(rows, schema=self.schema)
         now = datetime.now(UTC)
-        part = self.directory / f"date={now:%Y-%m-%d}" / f"part-{now:%H%M%S%f}-{os.getpid()}-{next(self._seq)}.parquet"
+        name = f"part-{now:%H%M%S%f}-{os.getpid()}-{next(self._seq)}.parquet"
+        part = self.directory / f"date={now:%Y-%m-%d}" / name
         part.parent.mkdir(parents=True, exist_ok=True)
         tmp = part.with_suffix(".tmp")
         try:
@@ -136,7 +139,9 @@ class RequestMemory:
         self.capacity = capacity
         self._entries: OrderedDict[str, tuple[str, str, str, str]] = OrderedDict()
 
-    def remember(self, request_id: str, model_name: str, model_version: str, variant: str, session_id: str) -> None:
+    def remember(
+        self, request_id: str, model_name: str, model_version: str, variant: str, session_id: str
+    ) -> None:
         self._entries[request_id] = (model_name, model_version, variant, session_id)
         if len(self._entries) > self.capacity:
             self._entries.popitem(last=False)

@@ -59,7 +59,9 @@ class ItemTable:
         (the whole catalogue when the table has none)."""
         ids = items.item_ids.tolist()
         forbidden = np.fromiter(
-            ((item in self.blocked) or not self.available.get(item, True) for item in ids), dtype=bool, count=len(ids)
+            ((item in self.blocked) or not self.available.get(item, True) for item in ids),
+            dtype=bool,
+            count=len(ids),
         )
         names = sorted(set(self.category.values()))
         codes = {name: code for code, name in enumerate(names)}
@@ -101,7 +103,10 @@ def _read_item_table(path: Path) -> dict[str, dict]:
     import polars as pl
 
     try:
-        frame = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path, infer_schema_length=10_000)
+        if path.suffix == ".parquet":
+            frame = pl.read_parquet(path)
+        else:
+            frame = pl.read_csv(path, infer_schema_length=10_000)
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise ItemRulesError(f"cannot read the item table {path}: {exc}; it must be Parquet or CSV") from exc
     if "item_id" not in frame.columns:

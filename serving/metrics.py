@@ -28,7 +28,8 @@ class ServingMetrics:
             namespace=NAMESPACE, buckets=LATENCY_BUCKETS, registry=r,
         )
         self.requests = Counter(
-            "requests", "Requests answered, by status code", ["endpoint", "status"], namespace=NAMESPACE, registry=r
+            "requests", "Requests answered, by status code", ["endpoint", "status"],
+            namespace=NAMESPACE, registry=r,
         )
         self.fallbacks = Counter(
             "fallbacks", "Responses served by a fallback", ["reason", "variant"], namespace=NAMESPACE, registry=r
@@ -65,7 +66,8 @@ class ServingMetrics:
             "canary_rollbacks", "Canaries stopped by the rollback guard", namespace=NAMESPACE, registry=r
         )
         self.shadow_dropped = Counter(
-            "shadow_dropped", "Shadow scorings skipped because too many were in flight", namespace=NAMESPACE, registry=r
+            "shadow_dropped", "Shadow scorings skipped because too many were in flight",
+            namespace=NAMESPACE, registry=r,
         )
 
     def set_model(self, alias: str, name: str, version: str, previous: tuple[str, str] | None) -> None:

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -159,10 +159,9 @@ class ModelProvider:
             self.status.registry_reachable = True
             self.status.last_success = time.time()
             self.status.last_error = None
+            if wanted.get(CHALLENGER) == wanted.get(CHAMPION):
+                wanted[CHALLENGER] = None  # the same version under both aliases: nothing to compare
             chosen = {alias: self._choose(alias, wanted.get(alias), force) for alias in VARIANTS}
-            if chosen[CHALLENGER] is not None and chosen[CHAMPION] is not None:
-                if chosen[CHALLENGER].version == chosen[CHAMPION].version:
-                    chosen[CHALLENGER] = None  # the same version under both aliases: nothing to compare
             self._current = ModelSet(**chosen)
             return self._current
 
@@ -173,6 +172,10 @@ class ModelProvider:
             return current if alias == CHAMPION else None
         if current is not None and current.version == version and not force:
             return current
+        if not force:  # a promoted challenger is already loaded: it changes alias, no reload
+            for other in (self._current.champion, self._current.challenger):
+                if other is not None and other.version == version:
+                    return replace(other, alias=alias)
         try:
             servable = self.build(self.source.load(alias), alias)
         except Exception as exc:

@@ -43,7 +43,7 @@ class ControlState:
     canary_share: float
     shadow: bool
     reload_generation: int = 0
-    stopped_reason: str | None = None  # why the rollback guard stopped the canary (cleared by the next admin change)
+    stopped_reason: str | None = None  # why the rollback guard stopped the canary (cleared by an admin change)
     seeded_from: tuple[float, bool] = (0.0, False)  # the configured (share, shadow) this state descends from
     updated_at: float = field(default_factory=time.time)
 
@@ -133,7 +133,10 @@ class RollbackGuard:
             return None
         (c_err, c_fb, c_p99), (x_err, x_fb, x_p99) = champion.rates(), challenger.rates()
         if x_err - c_err > self.error_margin:
-            return f"challenger error rate {x_err:.3f} exceeds the champion's {c_err:.3f} by more than {self.error_margin}"
+            return (
+                f"challenger error rate {x_err:.3f} exceeds the champion's {c_err:.3f} by more than "
+                f"{self.error_margin}"
+            )
         if x_fb - c_fb > self.fallback_margin:
             return (
                 f"challenger fallback rate {x_fb:.3f} exceeds the champion's {c_fb:.3f} by more than "

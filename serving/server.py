@@ -22,7 +22,8 @@ SETTINGS_FILE_ENV = "SESSIONREC_SETTINGS_FILE"
 
 
 def serve_command(settings: Settings, port: int) -> list[str]:
-    return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", settings.serving.host, "--port", str(port)]
+    host = settings.serving.host
+    return [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port)]
 
 
 def serve_environment(settings: Settings, settings_file: Path) -> dict[str, str]:
@@ -42,7 +43,8 @@ def serve(settings: Settings, port: int) -> None:
     """Serve until interrupted (Ctrl-C stops the server cleanly)."""
     if not settings.serving.api_keys:
         raise SessionrecError(
-            "no API keys configured: set SESSIONREC_API_KEYS (comma-separated) or serving.api_keys in the config file"
+            "no API keys configured: set SESSIONREC_API_KEYS (comma-separated) or serving.api_keys in the "
+            "config file"
         )
     settings.serving_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sessionrec-serve-") as tmp:

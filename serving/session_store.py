@@ -164,7 +164,8 @@ class SqliteSessionStore(SessionStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, last_seen REAL NOT NULL, events TEXT NOT NULL)"
+                "CREATE TABLE IF NOT EXISTS sessions "
+                "(id TEXT PRIMARY KEY, last_seen REAL NOT NULL, events TEXT NOT NULL)"
             )
             self._db.execute("CREATE INDEX IF NOT EXISTS sessions_last_seen ON sessions (last_seen)")
             self._db.execute("CREATE TABLE IF NOT EXISTS control (key TEXT PRIMARY KEY, value TEXT NOT NULL)")

@@ -1,5 +1,5 @@
-"""The HTTP API in-process (Starlette's test client runs the app and its lifespan): auth, limits, sessions, feedback
-and shadow logs, canary routing, the rollback guard, hot reload under load, readiness and metrics.
+"""The HTTP API in-process (Starlette's test client runs the app and its lifespan): auth, limits, sessions,
+feedback and shadow logs, canary routing, the rollback guard, hot reload under load, readiness and metrics.
 
 Models are real (popularity, V-SKNN fitted on a YOOCHOOSE slice) and served through a `StaticSource`, so that a
 test can move the aliases; the registry-backed path is tested over a real `bentoml serve` in
@@ -73,7 +73,9 @@ def _settings(tmp_path: Path, **serving: Any) -> Settings:
 
 
 @contextmanager
-def serving(settings: Settings, source: StaticSource, ready: bool = True) -> Iterator[tuple[TestClient, RecommenderApp]]:
+def serving(
+    settings: Settings, source: StaticSource, ready: bool = True
+) -> Iterator[tuple[TestClient, RecommenderApp]]:
     api = RecommenderApp(settings, lambda: source)
     with TestClient(api.app) as client:
         if ready:
@@ -287,7 +289,8 @@ def test_rollback_guard_stops_a_failing_canary(models: Models, tmp_path: Path) -
     Faulty = _faulty_model_class()
     settings = _settings(tmp_path, canary_share=0.5, rollback_min_requests=20)
     with serving(settings, _source(models, Faulty(models.vsknn, healthy_calls=1))) as (client, _):
-        variants = [_recommend(client, f"s{n}", models.sessions[n % 100], k=3).json()["variant"] for n in range(300)]
+        answers = [_recommend(client, f"s{n}", models.sessions[n % 100], k=3) for n in range(300)]
+        variants = [answer.json()["variant"] for answer in answers]
         assert CHALLENGER in variants[:100]
         control = client.get("/admin/canary", headers=ADMIN_AUTH).json()
         assert control["canary_share"] == 0.0 and "error rate" in control["stopped_reason"]
@@ -331,6 +334,20 @@ def test_hot_reload_under_load_without_errors(models: Models, tmp_path: Path) ->
     for worker in results.values():  # each worker's requests follow each other: one swap, never back
         versions = [version for _, version, _ in worker]
         assert versions[0] == "1" and versions[-1] == "2" and versions == sorted(versions)
+
+
+def test_promoting_the_challenger_reuses_it(models: Models, tmp_path: Path) -> None:
+    source = _source(models, models.vsknn)
+    with serving(_settings(tmp_path), source) as (client, api):
+        challenger = api.runtime.provider.current.challenger
+        source.models = {CHAMPION: source.models[CHALLENGER]}  # the registry's promotion of version 2
+        provider = api.runtime.provider
+        provider.refresh()
+        champion = provider.current.champion
+        assert (champion.version, champion.alias, provider.current.challenger) == ("2", "champion", None)
+        assert champion.rules is challenger.rules  # the loaded challenger changed alias, nothing was rebuilt
+        assert _recommend(client, "s", models.sessions[0]).json()["model"] == {
+            "name": "vsknn", "version": "2", "alias": "champion"}
 
 
 def test_unreachable_registry_keeps_the_last_good_model(models: Models, tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""The service as deployed: `serve()` (what `sessionrec serve` runs: a real `bentoml serve` child process) answering
-from models registered in a real MLflow registry, and the Bento that `bentoml build` makes.
+"""The service as deployed: `serve()` (what `sessionrec serve` runs: a real `bentoml serve` child process)
+answering from models registered in a real MLflow registry, and the Bento that `bentoml build` makes.
 
 Both models are fitted on a YOOCHOOSE slice and logged, registered and promoted through the project's registry
 API, exactly as training does. The server runs on a free loopback port with a bounded start-up wait and is
@@ -56,7 +56,8 @@ class Release:
         model: SessionModel = create_model(name)
         report = model.fit(self.train)
         evaluation = {"mrr@20": 0.1, "dataset_fingerprint": "yoochoose-slice"}
-        run = self.store.log_training_run(model, self.index, report, evaluation, {}, {"fingerprint": "yoochoose-slice"}, {})
+        dataset = {"fingerprint": "yoochoose-slice"}
+        run = self.store.log_training_run(model, self.index, report, evaluation, {}, dataset, {})
         version = self.registry.register(run, evaluation, "yoochoose-slice")
         self.registry.promote(version, f"test release of {name}")
         return version
@@ -156,6 +157,8 @@ def test_bento_carries_only_what_serving_needs(tmp_path: Path) -> None:
         "sys.path.insert(0, '.')\n"
         "from serving.bento_entry import Recommender\n"
         "import sessionrec\n"
+        "from sessionrec.ops.models.registry import MODEL_NAMES, model_class\n"
+        "[model_class(name) for name in MODEL_NAMES]  # every model the registry may hold can be loaded\n"
         "print(Recommender.name, sessionrec.__path__[0])\n"
     )
     env = {**os.environ, "SESSIONREC_HOME": str(tmp_path / "home"), "SESSIONREC_API_KEYS": KEY}

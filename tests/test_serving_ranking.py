@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import polars as pl
@@ -22,11 +22,18 @@ from sessionrec.config import ServingConfig
 from sessionrec.ops.models.base import FitReport, Prefixes, SessionModel
 from sessionrec.ops.models.registry import create_model
 from sessionrec.ops.sessiondata import ItemIndex, SessionData, read_split_tsv
-from sessionrec.serving.candidates import exact_index, hnsw_index, recall_at
+from sessionrec.serving.candidates import (
+    DEFAULT_RECALL_TARGET,
+    REQUIRED_RECALL,
+    exact_index,
+    hnsw_index,
+    recall_at,
+)
 from sessionrec.serving.filters import ItemRulesError, ItemTable
 from sessionrec.serving.model_provider import LoadedVersion, make_servable
 from sessionrec.serving.ranking import (
     FALLBACK_EMPTY,
+    MODEL_PREFIX_ITEMS,
     FALLBACK_ERROR,
     FALLBACK_TIMEOUT,
     REASON_CATEGORY,
@@ -224,7 +231,9 @@ def test_slow_model_falls_back_within_the_budget(data: Data, pop: SessionModel, 
     assert ranking.fallback == FALLBACK_TIMEOUT and len(ranking.items) == 10
 
 
-def test_failure_fallback_prefers_the_last_category(data: Data, pop: SessionModel, executor, tmp_path: Path) -> None:
+def test_failure_fallback_prefers_the_last_category(
+    data: Data, pop: SessionModel, executor, tmp_path: Path
+) -> None:
     session = data.sessions[2]
     categories = {item: ("last" if i % 3 == 0 else "other") for i, item in enumerate(data.index.item_ids.tolist())}
     categories[session[-1]] = "last"
@@ -251,7 +260,9 @@ def test_empty_and_unknown_sessions_get_popularity(data: Data, vsknn: SessionMod
     assert rank(ranker, target, RankRequest(["not-in-catalogue"], k=5)).n_unknown == 1
 
 
-def test_batched_answers_equal_single_answers(data: Data, vsknn: SessionModel, gru: SessionModel, executor) -> None:
+def test_batched_answers_equal_single_answers(
+    data: Data, vsknn: SessionModel, gru: SessionModel, executor
+) -> None:
     """Requests that arrive together are scored as one batch; each gets the answer it would get alone."""
     for model in (vsknn, gru):
         target = servable(model, data)
@@ -281,19 +292,30 @@ def test_embedding_candidates_give_the_models_own_top_k(data: Data, gru: Session
         assert [r.item_id for r in ranking.items] == data.index.decode(np.argsort(-scores, kind="stable")[:20])
 
 
+def test_long_sessions_are_scored_on_their_last_items(data: Data, gru: SessionModel, executor) -> None:
+    """The model sees the last MODEL_PREFIX_ITEMS items; all of the session still counts as seen."""
+    target = servable(gru, data)
+    session = [item for s in data.sessions for item in s][: MODEL_PREFIX_ITEMS + 15]
+    codes, _ = data.index.encode(session)
+    scores = gru.score(Prefixes([codes[-MODEL_PREFIX_ITEMS:]], np.array([0.0])))[0]
+    scores[codes] = -np.inf
+    ranking = rank(Ranker(100, 5_000, executor), target, RankRequest(session, k=10))
+    assert [r.item_id for r in ranking.items] == data.index.decode(np.argsort(-scores, kind="stable")[:10])
+
+
 def test_ann_index_reaches_the_recall_target(data: Data, gru: SessionModel) -> None:
     """HNSW tuned on single-item sessions, measured on real multi-item test sessions."""
     vectors = gru.item_embeddings()
     tuning = gru.session_embeddings(Prefixes([np.array([i]) for i in range(256)], np.zeros(256)))
     exact = exact_index(vectors)
-    ann = hnsw_index(vectors, tuning, target=0.95, exact=exact)
+    ann = hnsw_index(vectors, tuning, exact=exact)
     test = [data.index.encode(s)[0] for s in data.sessions]
     queries = gru.session_embeddings(Prefixes(test, np.zeros(len(test))))
-    assert ann.kind == "hnsw" and ann.recall >= 0.95
-    assert recall_at(ann, exact, queries) >= 0.95
+    assert ann.kind == "hnsw" and ann.recall >= DEFAULT_RECALL_TARGET
+    assert recall_at(ann, exact, queries) >= REQUIRED_RECALL
     # Above the threshold the service builds the ANN index by itself.
     big = servable(gru, data, config=ServingConfig(candidates=100, ann_threshold_items=100))
-    assert big.candidates.kind == "hnsw" and big.candidates.recall >= 0.95
+    assert big.candidates.kind == "hnsw" and big.candidates.recall >= DEFAULT_RECALL_TARGET
 
 
 def test_bad_item_tables_are_refused(tmp_path: Path) -> None:

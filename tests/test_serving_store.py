@@ -35,7 +35,9 @@ def _redis_answers() -> None:
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
     except redis.RedisError as exc:
-        pytest.fail(f"Redis at {REDIS_URL} does not answer ({exc}); start it as .ci/run does (see shared/services.md)")
+        pytest.fail(
+            f"Redis at {REDIS_URL} does not answer ({exc}); start it as .ci/run does (see shared/services.md)"
+        )
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
