@@ -77,7 +77,7 @@ def run(n_events: int, workdir: Path) -> dict:
         source = write_events(frame, workdir / "events.parquet")
         del frame
     lake = Lake(settings.lake_dir)
-    with Stage("ingest (read + row rules + stage + commit)", n_events, stages):
+    with Stage("ingest (read + row rules + stage)", n_events, stages):
         now = datetime.now(timezone.utc)
         batch = read_batch([source], fmt="parquet", mapping=None, options=ReadOptions(), ingest=settings.ingest,
                            now=now, seq_base=lake.next_seq())
