@@ -156,7 +156,9 @@ class ServingConfig(_Section):
     k_max: int = Field(100, ge=1, le=1000)
     latency_budget_ms: float = Field(50.0, gt=0, description="past this the request is answered by the fallback")
     candidates: int = Field(200, ge=10, description="candidates fetched from FAISS/kNN/popularity before ranking")
-    ann_threshold_items: int = Field(100_000, ge=1, description="exact inner-product index below this size")
+    ann_threshold_items: int = Field(
+        20_000, ge=1, description="exact inner-product index below this size (HNSW is 3-4x faster at 50k items)"
+    )
     session_store_url: str | None = Field(None, description="None: SQLite under home; memory://; redis://host:port/db")
     session_ttl_seconds: int = Field(24 * 3600, ge=60)
     session_timeout_minutes: float = Field(30.0, gt=0, description="a session id back after this starts afresh")
