@@ -26,18 +26,7 @@ EVENT_SCHEMA: dict[str, pl.DataType] = {
 
 #: The raw frame every reader (and, later, the stream consumer) returns: canonical names, timestamps parsed,
 #: ids still as the source spelled them. `source`/`source_line` say where each row came from.
-RAW_FRAME_SCHEMA: dict[str, pl.DataType] = {
-    "event_id": pl.String(),
-    "session_id": pl.String(),
-    "user_id": pl.String(),
-    "item_id": pl.String(),
-    "timestamp": pl.Datetime("us", "UTC"),
-    "event_type": pl.String(),
-    "category": pl.String(),
-    "price": pl.Float64(),
-    "source": pl.String(),
-    "source_line": pl.Int64(),
-}
+RAW_FRAME_SCHEMA: dict[str, pl.DataType] = {name: dtype for name, dtype in EVENT_SCHEMA.items() if name != "seq"}
 RAW_COLUMNS: tuple[str, ...] = tuple(RAW_FRAME_SCHEMA)
 #: The fields of an event a column mapping can name (everything but the provenance columns).
 CANONICAL_FIELDS: tuple[str, ...] = RAW_COLUMNS[:-2]
