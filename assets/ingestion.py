@@ -102,7 +102,7 @@ def raw_events_valid(sessionrec: SessionrecResource, raw_events: StagedBatch) ->
     metadata: dict[str, object] = {}
     problems = list(raw_events.errors)
     if not problems:
-        events = pl.read_parquet(raw_events.events_path)
+        events = raw_events.read_events()
         for report in (
             validate_events(events, settings.ingest, settings.validation, raw_events.staged_at),
             validate_batch_aggregates(raw_events.aggregates, settings.validation),

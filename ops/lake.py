@@ -40,8 +40,16 @@ class StagedBatch:
     staged_at: datetime | None = None  # the "now" of the row rules, so that validation uses the same window
 
     @property
-    def events_path(self) -> Path:
-        return self.directory / "events.parquet"
+    def events_dir(self) -> Path:
+        """One file per day (``<YYYY-MM-DD>.parquet``): a day new to the lake is committed by a rename."""
+        return self.directory / "events"
+
+    def day_files(self) -> list[Path]:
+        return sorted(self.events_dir.glob("*.parquet"))
+
+    def read_events(self) -> pl.DataFrame:
+        files = self.day_files()
+        return pl.read_parquet(files) if files else pl.DataFrame(schema=EVENT_SCHEMA)
 
     @property
     def quarantine_path(self) -> Path:
@@ -104,7 +112,12 @@ class Lake:
         staged_at: datetime | None = None,
     ) -> StagedBatch:
         directory = self.staging_dir / batch_id
-        _write_atomic(events.select(list(EVENT_SCHEMA)), directory / "events.parquet")
+        shutil.rmtree(directory, ignore_errors=True)  # a re-staged batch replaces its earlier staging
+        days = events.select(list(EVENT_SCHEMA)).with_columns(
+            pl.col("timestamp").dt.date().cast(pl.String).alias("_date")
+        )
+        for (day,), part in days.partition_by("_date", as_dict=True, maintain_order=True).items():
+            _write_atomic(part.drop("_date"), directory / "events" / f"{day}.parquet")
         _write_atomic(quarantine.select(list(QUARANTINE_SCHEMA)), directory / "quarantine.parquet")
         return StagedBatch(
             batch_id, directory, events.height, quarantine.height, sources, errors, dict(aggregates or {}),
@@ -115,20 +128,24 @@ class Lake:
         """Move a staged batch into the lake; events already present (same event_id and day) are skipped."""
         manifest = self.manifest()
         batch_seen = staged.batch_id in manifest["batches"]
-        events = pl.read_parquet(staged.events_path).with_columns(
-            pl.col("timestamp").dt.date().cast(pl.String).alias("_date")
-        )
         new_total, partitions = 0, []
-        for (day,), part in events.partition_by("_date", as_dict=True, maintain_order=True).items():
-            directory = self.events_dir / f"date={day}"
+        for staged_day in staged.day_files():
+            directory = self.events_dir / f"date={staged_day.stem}"
+            target = directory / f"part-{staged.batch_id}.parquet"
             existing = list(directory.glob("*.parquet"))
-            if existing:
+            if not existing:  # a day new to the lake: nothing to de-duplicate against, move the file
+                directory.mkdir(parents=True, exist_ok=True)
+                added = pl.scan_parquet(staged_day).select(pl.len()).collect().item()
+                os.replace(staged_day, target)
+            else:
                 seen = pl.scan_parquet(existing).select("event_id").collect()
-                part = part.join(seen, on="event_id", how="anti")
-            if part.height:
-                _write_atomic(part.drop("_date"), directory / f"part-{staged.batch_id}.parquet")
-                new_total += part.height
-                partitions.append(str(day))
+                part = pl.read_parquet(staged_day).join(seen, on="event_id", how="anti")
+                added = part.height
+                if added:
+                    _write_atomic(part, target)
+            if added:
+                new_total += added
+                partitions.append(staged_day.stem)
         quarantined = 0
         if not batch_seen:
             quarantine = pl.read_parquet(staged.quarantine_path)
@@ -145,7 +162,7 @@ class Lake:
         return CommitResult(
             batch_id=staged.batch_id,
             new_events=new_total,
-            already_present=events.height - new_total,
+            already_present=staged.rows - new_total,
             quarantined=quarantined,
             partitions=tuple(partitions),
             batch_already_committed=batch_seen,
