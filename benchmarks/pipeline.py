@@ -91,10 +91,11 @@ def run(n_events: int, workdir: Path) -> dict:
     del batch  # the Dagster assets hand on the staged file, not the frame: measure the commit the same way
     with Stage("commit to lake", n_events, stages):
         lake.commit(staged)
-    with Stage("sessionize", n_events, stages):
+    with Stage("read lake", n_events, stages):
         events = lake.scan_events().collect()
+    with Stage("sessionize", n_events, stages):
         result = sessionize(events, settings.sessions)
-        del events
+    del events
     with Stage("validate sessions (GX)", n_events, stages):
         report = validate_sessions(session_summary(result.events), settings.validation)
         assert report.success, report.message()
