@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 import polars as pl
 
 from sessionrec.config import IngestConfig
-from sessionrec.ops.schema import EVENT_SCHEMA, MAX_RAW_CHARS, QUARANTINE_SCHEMA, RAW_COLUMNS
+from sessionrec.ops.schema import EVENT_SCHEMA, MAX_RAW_CHARS, QUARANTINE_SCHEMA, RAW_COLUMNS, reason_counts
 
 #: Event type assumed when a source has no event type at all (a plain click log).
 DEFAULT_EVENT_TYPE = "view"
@@ -37,8 +37,7 @@ class NormalizedBatch:
         return self.duplicates / self.rows_in if self.rows_in else 0.0
 
     def quarantine_counts(self) -> dict[str, int]:
-        counts = self.quarantine.group_by("reason").len().sort("reason")
-        return dict(zip(counts["reason"].to_list(), counts["len"].to_list(), strict=True))
+        return reason_counts(self.quarantine)
 
 
 def _blank(column: str) -> pl.Expr:

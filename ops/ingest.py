@@ -20,7 +20,7 @@ from sessionrec.config import IngestConfig, ValidationConfig
 from sessionrec.ops.errors import DatasetError
 from sessionrec.ops.events import NormalizedBatch, normalize
 from sessionrec.ops.readers import ColumnMapping, ReadOptions, ReadResult, expand_paths, read_events
-from sessionrec.ops.schema import QUARANTINE_SCHEMA, RAW_COLUMNS, empty_events
+from sessionrec.ops.schema import QUARANTINE_SCHEMA, RAW_COLUMNS, empty_events, reason_counts
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,7 @@ class IngestBatch:
         return self.duplicates / self.rows_in if self.rows_in else 0.0
 
     def quarantine_counts(self) -> dict[str, int]:
-        counts = self.quarantine.group_by("reason").len().sort("len", descending=True)
-        return dict(zip(counts["reason"].to_list(), counts["len"].to_list(), strict=True))
+        return reason_counts(self.quarantine)
 
     def dataset_errors(self, validation: ValidationConfig) -> list[DatasetError]:
         """The reader's errors plus the batch-level thresholds: each one stops the run."""

@@ -14,6 +14,7 @@ from sessionrec.config import Settings
 from sessionrec.ops.errors import DatasetError
 from sessionrec.ops.ingest import read_batch
 from sessionrec.ops.readers import ColumnMapping, ReadOptions
+from sessionrec.ops.schema import reason_counts
 from sessionrec.ops.sessions import sessionize
 from sessionrec.ops.split import SplitResult, make_split, write_split
 
@@ -56,10 +57,9 @@ def events_to_split(
     quarantine = pl.concat([batch.quarantine, sessions.late], how="vertical")
     quarantine_path = Path(out_dir) / "quarantine.parquet"
     quarantine.write_parquet(quarantine_path)
-    counts = quarantine.group_by("reason").len().sort("len", descending=True)
     return SplitOutcome(
         split=result,
         paths=written,
-        quarantine_counts=dict(zip(counts["reason"].to_list(), counts["len"].to_list(), strict=True)),
+        quarantine_counts=reason_counts(quarantine),
         quarantine_path=quarantine_path,
     )

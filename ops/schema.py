@@ -60,6 +60,12 @@ SESSION_EVENT_SCHEMA: dict[str, pl.DataType] = {
 MAX_RAW_CHARS = 2_000
 
 
+def reason_counts(quarantine: pl.DataFrame) -> dict[str, int]:
+    """Quarantined rows per reason, most frequent first (for metadata, logs and error messages)."""
+    counts = quarantine.group_by("reason").len().sort(["len", "reason"], descending=[True, False])
+    return dict(zip(counts["reason"].to_list(), counts["len"].to_list(), strict=True))
+
+
 def empty_quarantine() -> pl.DataFrame:
     return pl.DataFrame(schema=QUARANTINE_SCHEMA)
 
