@@ -137,28 +137,31 @@ def git_state(cwd: Path | None = None) -> tuple[str, bool | None]:
     return commit.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
 
 
-def numeric_items(data: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested dict with ``/``-joined keys (booleans and non-numbers left out)."""
-    flat: dict[str, float] = {}
+def _leaves(data: dict[str, Any], separator: str, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(joined key, value) for every non-dict leaf of a nested dict."""
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(numeric_items(value, f"{name}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[name] = float(value)
-    return flat
+            yield from _leaves(value, separator, f"{name}{separator}")
+        else:
+            yield name, value
+
+
+def numeric_items(data: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested dict with ``/``-joined keys (booleans and non-numbers left out)."""
+    return {
+        name: float(value)
+        for name, value in _leaves(data, "/", prefix)
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
 def _flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flat_params(value, f"{name}."))
-        else:
-            text = value if isinstance(value, str) else json.dumps(value, default=str)
-            flat[mlflow_key(name)] = text[:MAX_PARAM_CHARS]
-    return flat
+    """Every leaf as an MLflow parameter (``.``-joined key, JSON text, capped in length)."""
+    return {
+        mlflow_key(name): (value if isinstance(value, str) else json.dumps(value, default=str))[:MAX_PARAM_CHARS]
+        for name, value in _leaves(data, ".", prefix)
+    }
 
 
 class TrackingStore:
