@@ -6,11 +6,13 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import polars as pl
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sessionrec.config import SessionConfig
 from sessionrec.ops.schema import EVENT_SCHEMA
+from sessionrec.ops import sessions as sessions_module
 from sessionrec.ops.sessions import length_histogram, session_summary, sessionize
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -115,3 +117,20 @@ def test_sessionizer_properties(rows, perm_seed, lateness) -> None:
             assert (lo - hi).total_seconds() > 30 * 60
     # Late events are exactly those further behind than allowed.
     assert all("late_event" == r for r in result.late["reason"].to_list())
+    # The fast paths (hashed keys, packed sort key) agree with the exact key and a plain two-column sort.
+    exact = sessions_module._sessionize(frame, cfg, "sessionize", sessions_module._exact_key())
+    assert exact is not None and exact.events.equals(result.events) and exact.late.equals(result.late)
+    big_seq = sessionize(frame.with_columns(pl.col("seq") + 2**40), cfg)
+    assert big_seq.events.equals(result.events) and big_seq.stats == result.stats
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_hash_shared_by_two_session_keys_falls_back_to_the_exact_key(monkeypatch, late: bool) -> None:
+    rows = [("a", None, "x", 100), (None, "a", "y", 50 if late else 150), ("b", None, "z", 120),
+            (None, "u", "w", 130), ("a", None, "v", 140)]
+    expected = sessionize(events(rows), SessionConfig())
+    monkeypatch.setattr(sessions_module, "_hashed_key", lambda: pl.lit(7, dtype=pl.UInt64))  # every key collides
+    assert sessions_module._sessionize(events(rows), SessionConfig(), "s", sessions_module._hashed_key()) is None
+    result = sessionize(events(rows), SessionConfig())
+    assert result.events.equals(expected.events) and result.stats == expected.stats
+    assert result.events.group_by("session_id").len().height == 4  # a, b, a#0 (user a), u#0
