@@ -179,13 +179,15 @@ def normalize(
         pl.col("_rule").replace_strict(list(range(len(rules))), [code for code, _, _ in rules]).alias("_reason"),
         detail.alias("_detail"),
     )
-    good = frame.filter(pl.col("_rule").is_null())
+    # A filter copies every column; on a clean batch (the usual case) there is nothing to filter out.
+    good = frame.filter(pl.col("_rule").is_null()) if rejected.height else frame
     dup = _repeated(good["event_id"])
     duplicates = good.filter(dup).with_columns(
         pl.lit("duplicate_event").alias("_reason"),
         pl.format("event_id {} already seen earlier in this batch", pl.col("event_id")).alias("_detail"),
     )
-    events = good.filter(~dup).select(list(EVENT_SCHEMA))
+    events = (good.filter(~dup) if duplicates.height else good).select(list(EVENT_SCHEMA))
+    del frame, good
     bad = pl.concat([rejected, duplicates], how="vertical")
     quarantine = bad.select(
         pl.col("source"),

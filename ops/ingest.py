@@ -123,14 +123,16 @@ def read_batch(
         except DatasetError as exc:
             errors.append(exc)
     errors += _schema_changes(results)
-    frames = [r.frame.select(RAW_COLUMNS) for _, r in results]
+    raw = pl.concat([r.frame.select(RAW_COLUMNS) for _, r in results], how="vertical") if results else None
     reader_quarantine = [r.quarantine for _, r in results]
-    raw = pl.concat(frames, how="vertical") if frames else None
+    formats = {str(path): r.format for path, r in results}
+    del results  # the raw frame alone holds the rows now; it is freed as soon as `normalize` is done with it
     normalized = (
         normalize(raw, ingest, now=now, batch_id=batch_id, seq_base=seq_base)
         if raw is not None
         else NormalizedBatch(empty_events(), pl.DataFrame(schema=QUARANTINE_SCHEMA), 0, 0)
     )
+    del raw
     quarantine = pl.concat(
         [q.with_columns(pl.lit(batch_id).alias("batch_id")).cast(QUARANTINE_SCHEMA) for q in reader_quarantine]  # type: ignore[arg-type]
         + [normalized.quarantine],
@@ -142,6 +144,6 @@ def read_batch(
         quarantine=quarantine,
         rows_in=normalized.rows_in + sum(q.height for q in reader_quarantine),
         duplicates=normalized.duplicates,
-        formats={str(path): r.format for path, r in results},
+        formats=formats,
         errors=tuple(errors),
     )

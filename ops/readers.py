@@ -1191,13 +1191,14 @@ def _assemble(table: _Table, options: ReadOptions, source: str) -> tuple[pl.Data
         refused = refused | mask
     refused = refused & rows_to_read
     good = ~refused & rows_to_read
+    keep = (lambda column: column) if good.all() else (lambda column: column.filter(good))  # a filter copies
     frame = pl.DataFrame(
         {
-            **{name: staged[name].filter(good) for name in _TEXT_FIELDS},
-            "price": prices.filter(good),
-            "timestamp": timestamps.filter(good),
+            **{name: keep(staged[name]) for name in _TEXT_FIELDS},
+            "price": keep(prices),
+            "timestamp": keep(timestamps),
             "source": pl.repeat(source, int(good.sum()), dtype=pl.String, eager=True),
-            "source_line": staged[_LINE].filter(good),
+            "source_line": keep(staged[_LINE]),
         },
         schema=RAW_FRAME_SCHEMA,
     )

@@ -127,10 +127,11 @@ def _sessionize(
     narrow = narrow.with_columns(
         _within_segment(pl.int_range(pl.len(), dtype=pl.Int64), pl.col("_new")).cast(pl.Int32).alias("position")
     )
-    # The one wide step. A gather from a frame of many chunks (one per lake file and row group) is several
-    # times slower than from contiguous columns, so the columns are made contiguous first.
-    wide = [c for c in SESSION_EVENT_SCHEMA if c != "position"]
-    ordered = events.select(wide).rechunk().select(pl.col(wide).gather(narrow["_row"]))
+    # The one wide step. A gather from a column of many chunks (one per lake file and row group) is several
+    # times slower than from a contiguous one, so each column is made contiguous first: one at a time, so that
+    # the copy costs one column of memory rather than the whole frame (10M events: 0.1 GB, not 0.9 GB).
+    rows = narrow["_row"]
+    ordered = pl.DataFrame([events[c].rechunk().gather(rows) for c in SESSION_EVENT_SCHEMA if c != "position"])
     if not decreases and _keys_collide(ordered, narrow):
         return None
     session_id = pl.col("session_id")
