@@ -112,6 +112,23 @@ def test_embeddings_reproduce_scores(name, splits, fitted):
     assert np.isfinite(model.score(long)).all()
 
 
+def test_gru4rec_fused_session_vectors_equal_the_step_by_step_recurrence(splits, fitted):
+    """Serving runs one fused `nn.GRU` pass per layer; evaluation and training step the cells one item at a time:
+    both must give the same states, also for an empty prefix and for prefixes of very different lengths."""
+    model, _ = fitted["gru4rec"]
+    net = model.network
+    prefixes = [*prefixes_of(splits[2], limit=40).items, np.zeros(0, dtype=np.int64), np.arange(N_ITEMS)]
+    fused = model.session_embeddings(Prefixes(items=prefixes, times=np.zeros(len(prefixes))))
+    with torch.inference_mode():
+        for row, prefix in zip(fused, prefixes):
+            hidden = [torch.zeros(1, size) for size in SMALL["gru4rec"].layers]
+            state = hidden[-1]
+            for item in prefix:
+                state = net.recur(net.inputs(net.table, torch.tensor([int(item)])), hidden)
+            np.testing.assert_allclose(row[:-1], state[0].numpy(), rtol=1e-5, atol=1e-6)
+            assert row[-1] == 1.0  # the bias column
+
+
 @pytest.mark.parametrize("name", sorted(CLASSES))
 def test_save_load_round_trip_gives_identical_scores(name, splits, fitted, tmp_path):
     model, _ = fitted[name]
