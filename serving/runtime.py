@@ -14,6 +14,7 @@ it answers 503 (`NotReadyError`) until it has one, as its `/readyz` says.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import logging
@@ -192,7 +193,10 @@ class ServingRuntime:
                 log.exception("background step %s failed", getattr(step, "__name__", step))
 
     async def _refresh(self, force: bool = False) -> None:
+        before = self.provider.current
         await asyncio.to_thread(self.provider.refresh, force)
+        if self.provider.current is not before:
+            _freeze_long_lived_objects()
         self._publish_models()
         self._polled = True
 
@@ -264,13 +268,13 @@ class ServingRuntime:
         ]
 
     async def _session_items(self, session_id: str, events: list[StoredEvent], now: float) -> list[str]:
-        timeout = self.config.latency_budget_ms / 1000.0 * STORE_BUDGET_SHARE
+        call = self.store.append(session_id, events, now) if events else self.store.get(session_id, now)
         try:
-            async with asyncio.timeout(timeout):
-                if events:
-                    state = await self.store.append(session_id, events, now)
-                else:
-                    state = await self.store.get(session_id, now)
+            if self.store.waits:  # a store that never suspends cannot be interrupted: no timer for it
+                async with asyncio.timeout(self.config.latency_budget_ms / 1000.0 * STORE_BUDGET_SHARE):
+                    state = await call
+            else:
+                state = await call
         except Exception as exc:  # rank with what the request brought rather than fail it
             self._store_failed("reading the session", exc)
             return [event.item_id for event in events]
@@ -520,6 +524,16 @@ class ServingRuntime:
         if current.champion is None:
             detail["reason"] = self._not_ready_reason()
         return current.champion is not None, detail
+
+
+def _freeze_long_lived_objects() -> None:
+    """Move everything alive now (modules, the loaded models and indexes) out of the garbage collector's sight.
+
+    A full collection otherwise walks those millions of objects every time one runs under load: pauses of tens of
+    milliseconds that land on whatever requests are in flight, the p99. Run after each model load (it is cheap: no
+    collection). A replaced version is still freed by reference counting; only reference cycles frozen with it
+    stay, a small price for a flat tail."""
+    gc.freeze()
 
 
 def _iso(ts: float | None) -> str | None:

@@ -80,6 +80,10 @@ class SessionState:
 class SessionStore(ABC):
     """Append-and-read access to sessions; ``now`` is unix seconds (passed in, so tests control time)."""
 
+    #: Whether a call can suspend waiting for another process (the network): only then does a caller's timeout
+    #: have anything to interrupt. The in-process stores answer inline.
+    waits: bool = False
+
     def __init__(self, limits: StoreLimits) -> None:
         self.limits = limits
 
@@ -239,6 +243,8 @@ return {new, redis.call('LRANGE', KEYS[1], 0, -1)}
 
 
 class RedisSessionStore(SessionStore):
+    waits = True
+
     def __init__(self, url: str, limits: StoreLimits, prefix: str = DEFAULT_REDIS_PREFIX) -> None:
         import redis.asyncio as aioredis
 

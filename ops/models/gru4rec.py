@@ -162,6 +162,8 @@ def _network(n_items: int, cfg: GRU4RecConfig) -> "torch.nn.Module":
             self.table = nn.Parameter(torch.zeros(n_items + 1, self.hidden + 1 + own_input), requires_grad=False)
             sizes = (self.input_size, *cfg.layers)
             self.cells = nn.ModuleList(nn.GRUCell(sizes[i], sizes[i + 1]) for i in range(len(cfg.layers)))
+            self._fused: list[nn.GRU] = []
+            self._fused_for: tuple[int, ...] = ()
             with torch.no_grad():
                 self.table[:n_items, : self.hidden].copy_(_glorot(n_items, self.hidden))
                 if own_input:
@@ -181,15 +183,18 @@ def _network(n_items: int, cfg: GRU4RecConfig) -> "torch.nn.Module":
 
         def fused(self) -> list[nn.GRU]:
             """The cells as single-layer `nn.GRU`s that share their parameters: one fused pass over a whole packed
-            batch per layer instead of a Python step per item. Built per call (without initialising weights, which
-            are replaced at once), so they can never be stale after training goes on."""
-            layers = []
-            for cell in self.cells:
-                gru = nn.GRU(cell.input_size, cell.hidden_size, batch_first=True, device="meta")  # no init work
-                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                    setattr(gru, f"{name}_l0", getattr(cell, name))
-                layers.append(gru)
-            return layers
+            batch per layer instead of a Python step per item. Kept while the cells' parameter storage is the same
+            (training updates it in place; a move to another device replaces it, and they are built again)."""
+            storage = tuple(p.data_ptr() for cell in self.cells for p in cell.parameters())
+            if self._fused_for != storage:
+                layers = []
+                for cell in self.cells:
+                    gru = nn.GRU(cell.input_size, cell.hidden_size, batch_first=True, device="meta")  # no init
+                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                        setattr(gru, f"{name}_l0", getattr(cell, name))
+                    layers.append(gru)
+                self._fused, self._fused_for = layers, storage  # a plain list: not submodules, not in state_dict
+            return self._fused
 
         def recur(self, x: torch.Tensor, hidden: list[torch.Tensor], dropout: float = 0.0) -> torch.Tensor:
             """One step of all layers; ``hidden`` is updated in place (with the dropped-out states)."""
