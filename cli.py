@@ -310,6 +310,9 @@ def mlflow_ui(
 @app.command()
 def serve(
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 3000,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, max=64, help="server processes (default: serving.workers)")
+    ] = None,
     config: ConfigOpt = None,
     profile: ProfileOpt = None,
     home: HomeOpt = None,
@@ -318,7 +321,7 @@ def serve(
     /openapi.json. Keys: SESSIONREC_API_KEYS (header X-API-Key); admin token: SESSIONREC_ADMIN_TOKEN."""
     from sessionrec.serving.server import serve as run_server
 
-    run_server(_settings(config, profile, home), port)
+    run_server(_settings(config, profile, home, serving={"workers": workers} if workers else None), port)
 
 
 def _demo_requests(settings: Settings, test_split: Path, n_sessions: int = 3) -> None:

@@ -16,7 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Profile = Literal["local", "production"]
 
@@ -159,6 +159,15 @@ class ServingConfig(_Section):
     ann_threshold_items: int = Field(
         20_000, ge=1, description="exact inner-product index below this size (HNSW is 3-4x faster at 50k items)"
     )
+    workers: int = Field(
+        2, ge=1, le=64, description="server processes; each loads the models (memory://: one, it is per process)"
+    )
+    batches_in_flight: int = Field(
+        1, ge=1, le=16, description="ranking batches per model and process at once (about cores / workers)"
+    )
+    model_prefix_items: int = Field(
+        50, ge=1, description="most recent session items the model encodes (all of them still count as seen)"
+    )
     session_store_url: str | None = Field(None, description="None: SQLite under home; memory://; redis://host:port/db")
     session_ttl_seconds: int = Field(24 * 3600, ge=60)
     session_timeout_minutes: float = Field(30.0, gt=0, description="a session id back after this starts afresh")
@@ -177,6 +186,15 @@ class ServingConfig(_Section):
     registry_poll_seconds: float = Field(30.0, ge=1)
     blocklist_path: Path | None = Field(None, description="item ids never to serve, one per line")
     availability_path: Path | None = Field(None, description="Parquet/CSV with item_id, available (bool)")
+
+    @model_validator(mode="after")
+    def _store_shared_by_workers(self) -> "ServingConfig":
+        if self.workers > 1 and (self.session_store_url or "").startswith("memory:"):
+            raise ValueError(
+                f"serving.workers={self.workers} with the memory:// session store: each process would keep its own "
+                "sessions. Use workers = 1, or a store the processes share (the default SQLite file, or redis://)"
+            )
+        return self
 
 
 class Settings(_Section):

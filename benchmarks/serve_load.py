@@ -224,7 +224,10 @@ class Replayer:
         return _request("/echo", {"session_id": session_id, "events": [{"item_id": item}], "k": 20})
 
 
-async def _user(port: int, replayer: Replayer, level: Level, deadline: float, budget: list[int]) -> None:
+async def _user(
+    port: int, replayer: Replayer, level: Level, deadline: float, budget: list[int], delay: float
+) -> None:
+    await asyncio.sleep(delay)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         while time.perf_counter() < deadline and budget[0] > 0:
@@ -251,12 +254,16 @@ async def _user(port: int, replayer: Replayer, level: Level, deadline: float, bu
 
 
 async def drive(target: str, port: int, endpoint: str, sessions: list[list[str]], concurrency: int, seconds: float,
-                max_requests: int) -> Level:
+                max_requests: int, ramp_seconds: float = 0.0) -> Level:
+    """``concurrency`` virtual users, each on its own keep-alive connection; they start one after the other over
+    ``ramp_seconds`` (as a client pool grows with traffic). Opened in one burst, the connections of a multi-worker
+    server all land on whichever worker process accepts first (asyncio accepts every pending connection at once)."""
     level = Level(target, endpoint, concurrency)
     started = time.perf_counter()
     budget = [max_requests]
     run = f"{os.getpid()}.{time.monotonic_ns()}"
-    await asyncio.gather(*(_user(port, Replayer(endpoint, sessions, u, run), level, started + seconds, budget)
+    await asyncio.gather(*(_user(port, Replayer(endpoint, sessions, u, run), level, started + seconds, budget,
+                                 ramp_seconds * u / concurrency)
                            for u in range(concurrency)))
     level.seconds = time.perf_counter() - started
     return level
@@ -412,7 +419,8 @@ def _drive_all(
     for endpoint in endpoints:
         for concurrency in args.concurrency:
             level = uvloop.run(
-                drive(target, port, endpoint, data.replay, concurrency, args.seconds, args.max_requests)
+                drive(target, port, endpoint, data.replay, concurrency, args.seconds, args.max_requests,
+                      args.ramp_seconds)
             )
             levels.append(level)
             row = level.summary()
@@ -443,12 +451,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--seconds", type=float, default=8.0, help="per level")
     parser.add_argument("--max-requests", type=int, default=50_000, help="per level")
+    parser.add_argument("--ramp-seconds", type=float, default=1.0,
+                        help="the virtual users of a level start one after the other over this time")
     parser.add_argument("--store", default=None, help="session store URL (default: SQLite under the temp home)")
     parser.add_argument("--ann-threshold", type=int, default=None,
                         help="serving.ann_threshold_items (catalogues this large get the HNSW index)")
     parser.add_argument("--candidates", type=int, default=None, help="serving.candidates")
     parser.add_argument("--workers", type=int, default=None,
-                        help="BentoML worker processes (default: the service's)")
+                        help="server worker processes (default: serving.workers)")
     parser.add_argument("--compare-uvicorn", action="store_true", help="also drive the app under plain uvicorn")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve_load.json")
     args = parser.parse_args(argv)
@@ -464,6 +474,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         serving = {"api_keys": (KEY,), "admin_token": ADMIN, "rate_limit_per_minute": 100_000_000,
                    "session_store_url": args.store}
+        if args.workers:
+            serving["workers"] = args.workers
         serving.update({key: value for key, value in (("ann_threshold_items", args.ann_threshold),
                                                       ("candidates", args.candidates)) if value is not None})
         settings = Settings(home=Path(tmp), serving=serving)
@@ -491,8 +503,6 @@ def main(argv: list[str] | None = None) -> None:
 
         port = _free_port()
         env = serve_environment(settings, Path(tmp) / "settings.json")
-        if args.workers:
-            env["BENTOML_CONFIG_OPTIONS"] = f'services."sessionrec-recommender".workers={args.workers}'
         server = _spawn(serve_command(settings, port), env)
         try:
             _wait_ready(f"http://127.0.0.1:{port}/readyz", server)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sessionrec.config import ServingConfig
 from sessionrec.ops.models.base import Prefixes, SessionModel
 from sessionrec.ops.sessiondata import ItemIndex
 from sessionrec.serving.candidates import CandidateIndex
@@ -47,10 +48,9 @@ REASON_CATEGORY = "category_popular"
 
 #: Sessions scored in one model call at most.
 MAX_BATCH = 64
-#: Most recent session items the model sees. A recurrent model's cost grows with the prefix (GRU4Rec: ~0.1-0.2 ms
-#: per item on this machine), and one long session makes its whole batch wait; the items before these still count
-#: as seen for the filters. Sessions this long are rare (synthetic replay: mean 6.6 items, p90 14).
-MODEL_PREFIX_ITEMS = 50
+#: Defaults of the per-deployment settings (`ServingConfig`: one place for them).
+_DEFAULTS = ServingConfig()
+
 #: Share of the budget kept for answering after the ranking thread (and for the popularity fallback when that
 #: thread is late), at most 5 ms.
 _FINISH_SHARE = 0.1
@@ -109,21 +109,21 @@ class _Prepared:
 
 
 class _Lane:
-    """Ranking for one `ServableModel`: adaptive batching on a worker thread.
+    """Ranking for one `ServableModel`: adaptive batching on worker threads.
 
-    A request queues and waits on a future. When no batch is running, the queue goes to the executor as one batch
-    at once: at low load a batch is a single request (no added wait); under load every request that arrived while
-    the previous batch ran is ranked together, so the thread hand-over and the model call are paid once per batch.
-    The whole numeric path (encoding, model, candidates, filters, backfill) runs on that thread, so the event loop
-    only parses and answers, and the two threads do not keep taking the GIL from each other mid-request. One batch
-    runs at a time per model, so a slow challenger never holds up the champion.
+    A request queues and waits on a future. While fewer than ``batches_in_flight`` batches run, the queue goes to
+    the executor as one batch at once: at low load a batch is a single request (no added wait); under load every
+    request that arrived while the running batches ran is ranked together, so the thread hand-over and the model
+    call are paid once per batch. The whole numeric path (encoding, model, candidates, filters, backfill) runs on
+    those threads, so the event loop only parses and answers. The batches in flight are bounded per model, so a
+    slow challenger never holds up the champion.
     """
 
     def __init__(self, ranker: "Ranker", servable: ServableModel) -> None:
         self.ranker = ranker
         self.servable = servable
         self.queue: list[tuple[RankRequest, asyncio.Future]] = []
-        self.running = False
+        self.running = 0  # batches on the executor now
 
     async def rank(self, request: RankRequest, timeout: float) -> Ranking:
         loop = asyncio.get_running_loop()
@@ -139,21 +139,19 @@ class _Lane:
             timer.cancel()
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.running:
-            return
-        # Requests that timed out while queued are cancelled: they are not ranked.
-        batch = [entry for entry in self.queue[: self.ranker.max_batch] if not entry[1].done()]
-        del self.queue[: self.ranker.max_batch]
-        if not batch:
-            if self.queue:
-                self._dispatch(loop)
-            return
-        self.running = True
-        work = self.ranker.executor.submit(self.ranker.rank_batch, self.servable, [r for r, _ in batch])
-        work.add_done_callback(lambda done: loop.call_soon_threadsafe(self._deliver, loop, batch, done))
+        while self.queue and self.running < self.ranker.batches_in_flight:
+            # Requests that timed out while queued are dropped: they are not ranked.
+            batch = [entry for entry in self.queue[: self.ranker.max_batch] if not entry[1].done()]
+            del self.queue[: self.ranker.max_batch]
+            if batch:
+                self.running += 1
+                work = self.ranker.executor.submit(self.ranker.rank_batch, self.servable, [r for r, _ in batch])
+                work.add_done_callback(
+                    lambda done, batch=batch: loop.call_soon_threadsafe(self._deliver, loop, batch, done)
+                )
 
     def _deliver(self, loop: asyncio.AbstractEventLoop, batch: list, done: Future) -> None:
-        self.running = False
+        self.running -= 1
         error = RuntimeError("ranking cancelled: shutting down") if done.cancelled() else done.exception()
         results = done.result() if error is None else None
         for i, (_, future) in enumerate(batch):
@@ -175,17 +173,27 @@ class Ranker:
     """Ranks requests against a `ServableModel` under a latency budget.
 
     ``n_candidates`` is the size of each candidate source (ANN or model top-N, and popularity); ``executor`` runs
-    the batches (a small thread pool shared by all models of the process, one batch per model at a time);
-    ``max_batch`` bounds a batch.
+    the batches (a small thread pool shared by all models of the process); ``max_batch`` bounds a batch and
+    ``batches_in_flight`` the batches of one model running at once (the search and the network release the GIL, so
+    a second batch can use a second core; with as many server processes as cores, one each measured best);
+    ``prefix_items`` is how many of the most recent session items the model encodes.
     """
 
     def __init__(
-        self, n_candidates: int, budget_ms: float, executor: Executor, max_batch: int = MAX_BATCH
+        self,
+        n_candidates: int,
+        budget_ms: float,
+        executor: Executor,
+        max_batch: int = MAX_BATCH,
+        batches_in_flight: int = _DEFAULTS.batches_in_flight,
+        prefix_items: int = _DEFAULTS.model_prefix_items,
     ) -> None:
         self.n_candidates = n_candidates
         self.budget_s = budget_ms / 1000.0
         self.executor = executor
         self.max_batch = max_batch
+        self.batches_in_flight = batches_in_flight
+        self.prefix_items = prefix_items
         self._lanes: weakref.WeakKeyDictionary[ServableModel, _Lane] = weakref.WeakKeyDictionary()
 
     def _lane(self, servable: ServableModel) -> _Lane:
@@ -226,7 +234,7 @@ class Ranker:
         prepared = [self._prepare(servable, request) for request in requests]
         scored = [i for i, p in enumerate(prepared) if len(p.codes)]
         n = self._pool_size([requests[i] for i in scored], [prepared[i] for i in scored])
-        sessions = [prepared[i].codes[-MODEL_PREFIX_ITEMS:] for i in scored]
+        sessions = [prepared[i].codes[-self.prefix_items :] for i in scored]
         ranked = self.score_batch(servable, sessions, n) if scored else []
         candidates = dict(zip(scored, ranked))
         out = []

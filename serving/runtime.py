@@ -108,8 +108,9 @@ class ServingRuntime:
         # start a team of spinning threads per search, which starves the event loop).
         self._executor = ThreadPoolExecutor(MODEL_THREADS, "rank", initializer=single_threaded_inference)
         self._shadow_executor = ThreadPoolExecutor(1, "shadow", initializer=single_threaded_inference)
-        self.ranker = Ranker(config.candidates, config.latency_budget_ms, self._executor)
-        self.shadow_ranker = Ranker(config.candidates, config.latency_budget_ms, self._shadow_executor)
+        lanes = {"batches_in_flight": config.batches_in_flight, "prefix_items": config.model_prefix_items}
+        self.ranker = Ranker(config.candidates, config.latency_budget_ms, self._executor, **lanes)
+        self.shadow_ranker = Ranker(config.candidates, config.latency_budget_ms, self._shadow_executor, **lanes)
         logs = settings.serving_dir
         self.request_log = ParquetLog(logs / "requests", REQUEST_SCHEMA)
         self.feedback_log = ParquetLog(logs / "feedback", FEEDBACK_SCHEMA)

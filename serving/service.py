@@ -29,11 +29,6 @@ from sessionrec.serving.model_provider import RegistrySource
 from sessionrec.serving.server import SETTINGS_FILE_ENV
 
 SERVICE_NAME = "sessionrec-recommender"
-#: Worker processes. One by default: each worker loads its own models and FAISS index, and the in-memory session
-#: store is private to a process. More workers give more throughput when the cores allow (GRU4Rec over 50k items,
-#: 2 cores shared with the load generator: 32 clients, 590 -> 920 req/s with two). Override with
-#: BENTOML_CONFIG_OPTIONS='services."sessionrec-recommender".workers=2'.
-WORKERS = 1
 #: Paths our app answers (everything else falls through to BentoML).
 API_PATHS = frozenset(
     {"/recommend", "/events", "/feedback", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"}
@@ -69,7 +64,7 @@ api = RecommenderApp(settings, lambda: RegistrySource(settings.tracking_uri, set
 @bentoml.asgi_app(api.app, path="/")
 @bentoml.service(
     name=SERVICE_NAME,
-    workers=WORKERS,
+    workers=settings.serving.workers,
     traffic={"timeout": 30},
     metrics={"enabled": False},
     logging={"access": {"enabled": False}},

@@ -47,6 +47,8 @@ def test_split_on_real_yoochoose(shared_data, tmp_path) -> None:
         (["generate", "--out", "OUT/x.parquet", "--events", "lots"], "events"),
         (["generate", "--out", "OUT/x.weird", "--events", "100"], "extension"),
         (["run", "--config", "/nonexistent.toml"], "does not exist"),
+        (["serve", "--workers", "0"], "workers"),
+        (["serve", "--workers", "many"], "workers"),
     ],
 )
 def test_bad_flags_give_one_clear_error(tmp_path, args: list[str], message: str) -> None:

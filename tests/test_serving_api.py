@@ -67,7 +67,7 @@ class FlakySource(StaticSource):
 
 
 def _settings(tmp_path: Path, **serving: Any) -> Settings:
-    values = {"api_keys": (KEY, "other-key"), "admin_token": ADMIN, "session_store_url": "memory://",
+    values = {"api_keys": (KEY, "other-key"), "admin_token": ADMIN, "session_store_url": "memory://", "workers": 1,
               "latency_budget_ms": 2_000.0, "registry_poll_seconds": 1.0, **serving}
     return Settings(home=tmp_path / "home", serving=values)
 

@@ -33,7 +33,6 @@ from sessionrec.serving.filters import ItemRulesError, ItemTable
 from sessionrec.serving.model_provider import LoadedVersion, make_servable
 from sessionrec.serving.ranking import (
     FALLBACK_EMPTY,
-    MODEL_PREFIX_ITEMS,
     FALLBACK_ERROR,
     FALLBACK_TIMEOUT,
     REASON_CATEGORY,
@@ -293,11 +292,12 @@ def test_embedding_candidates_give_the_models_own_top_k(data: Data, gru: Session
 
 
 def test_long_sessions_are_scored_on_their_last_items(data: Data, gru: SessionModel, executor) -> None:
-    """The model sees the last MODEL_PREFIX_ITEMS items; all of the session still counts as seen."""
+    """The model sees the last `model_prefix_items` items; all of the session still counts as seen."""
     target = servable(gru, data)
-    session = [item for s in data.sessions for item in s][: MODEL_PREFIX_ITEMS + 15]
+    prefix = ServingConfig().model_prefix_items
+    session = [item for s in data.sessions for item in s][: prefix + 15]
     codes, _ = data.index.encode(session)
-    scores = gru.score(Prefixes([codes[-MODEL_PREFIX_ITEMS:]], np.array([0.0])))[0]
+    scores = gru.score(Prefixes([codes[-prefix:]], np.array([0.0])))[0]
     scores[codes] = -np.inf
     ranking = rank(Ranker(100, 5_000, executor), target, RankRequest(session, k=10))
     assert [r.item_id for r in ranking.items] == data.index.decode(np.argsort(-scores, kind="stable")[:10])

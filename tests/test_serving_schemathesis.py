@@ -50,7 +50,7 @@ def base_url(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
                            "challenger": LoadedVersion(challenger, index, "2")})
     settings_ = Settings(
         home=tmp_path_factory.mktemp("schemathesis"),
-        serving={"api_keys": (KEY,), "admin_token": ADMIN, "session_store_url": "memory://",
+        serving={"api_keys": (KEY,), "admin_token": ADMIN, "session_store_url": "memory://", "workers": 1,
                  "rate_limit_per_minute": 10_000_000, "latency_budget_ms": 2_000.0},
     )
     port = _free_port()

@@ -151,3 +151,13 @@ def test_store_urls(tmp_path: Path) -> None:
         open_session_store("postgres://x", LIMITS, tmp_path)
     with pytest.raises(SessionStoreError, match="sqlite:///<path"):
         open_session_store("sqlite://", LIMITS, tmp_path)
+
+
+def test_a_per_process_store_is_refused_for_several_workers() -> None:
+    from pydantic import ValidationError
+
+    from sessionrec.config import ServingConfig
+
+    with pytest.raises(ValidationError, match="memory:// session store: each process would keep its own"):
+        ServingConfig(session_store_url="memory://", workers=2)
+    assert ServingConfig(session_store_url="memory://", workers=1).workers == 1
