@@ -10,6 +10,7 @@ to `BURST_SECONDS` of that rate. A server with several worker processes lets eac
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import math
@@ -34,6 +35,7 @@ class Denied:
     retry_after_s: int | None = None
 
 
+@functools.lru_cache(maxsize=256)  # asked on every request, for the few configured keys
 def key_id(key: str) -> str:
     """A stable, non-reversible name for a key, for logs and metrics."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
