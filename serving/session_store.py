@@ -190,7 +190,8 @@ class SqliteSessionStore(SessionStore):
             raw = ((live or []) + [event.encode() for event in events])[-self.limits.max_events :]
             if events:
                 self._db.execute(
-                    "INSERT OR REPLACE INTO sessions (id, last_seen, events) VALUES (?, ?, ?)",
+                    "INSERT INTO sessions (id, last_seen, events) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE "
+                    "SET last_seen = excluded.last_seen, events = excluded.events",
                     (session_id, now, "\n".join(raw)),
                 )
             self._db.execute("COMMIT")
