@@ -61,7 +61,7 @@ settings = settings_from_environment()
 api = RecommenderApp(settings, lambda: RegistrySource(settings.tracking_uri, settings.tracking.registered_model))
 
 
-@bentoml.asgi_app(api.app, path="/")
+@bentoml.asgi_app(api.starlette, path="/")  # mounted for its lifespan (BentoML runs a mounted Starlette's)
 @bentoml.service(
     name=SERVICE_NAME,
     workers=settings.serving.workers,
