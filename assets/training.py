@@ -160,7 +160,10 @@ def registered_model(context: dg.AssetExecutionContext, sessionrec: SessionrecRe
     from sessionrec.ops.evaluation import item_popularity
     from sessionrec.ops.models.base import FitReport
     from sessionrec.ops.models.registry import load_model
+    import numpy as np
+
     from sessionrec.ops.sessiondata import ItemIndex, SessionData, read_split_tsv
+    from sessionrec.serving.candidates import model_candidate_index
 
     settings = sessionrec.settings()
     store = TrackingStore(settings.tracking_uri, settings.artifacts_dir, settings.tracking.experiment)
@@ -177,10 +180,15 @@ def registered_model(context: dg.AssetExecutionContext, sessionrec: SessionrecRe
         report = FitReport(epochs=result["fit"]["epochs"], best_epoch=result["fit"]["best_epoch"],
                            best_valid_mrr=result["fit"]["best_valid_mrr"], train_seconds=result["train_seconds"],
                            device=result["device"], events_per_second=result["fit"]["events_per_second"])
+        model, popularity = load_model(directory), item_popularity(train)
+        candidates = (  # serving's FAISS index travels with the version it belongs to
+            model_candidate_index(model, np.argsort(-popularity, kind="stable"), settings.serving.ann_threshold_items)
+            if name == best else None
+        )
         records[name] = store.log_training_run(
-            load_model(directory), index, report, result, {}, dataset,
+            model, index, report, result, {}, dataset,
             {"dagster_run_id": context.run_id, "role": "challenger" if name == best else "candidate"},
-            item_popularity=item_popularity(train),
+            item_popularity=popularity, candidates=candidates,
         )
         context.log.info(f"logged {name}: run {records[name].run_id}")
     version = registry.register(records[best], model_evaluation["results"][best], dataset["fingerprint"])

@@ -153,9 +153,14 @@ def register(model: SessionModel, data: Workload, settings: Settings) -> None:
     from sessionrec.integrations.mlflow_registry import Registry
     from sessionrec.integrations.mlflow_tracking import TrackingStore
 
+    from sessionrec.serving.candidates import model_candidate_index
+
     store = TrackingStore(settings.tracking_uri, settings.artifacts_dir, settings.tracking.experiment)
     evaluation = {"dataset_fingerprint": "serve-load-benchmark"}
-    run = store.log_training_run(model, data.index, FitReport(), evaluation, {}, {"fingerprint": "serve-load"}, {})
+    popular = np.argsort(-np.bincount(data.train.items, minlength=len(data.index)), kind="stable")
+    candidates = model_candidate_index(model, popular, settings.serving.ann_threshold_items)
+    run = store.log_training_run(model, data.index, FitReport(), evaluation, {}, {"fingerprint": "serve-load"}, {},
+                                 candidates=candidates)
     registry = Registry(settings.tracking_uri, settings.tracking.registered_model)
     registry.promote(registry.register(run, evaluation, "serve-load-benchmark"), "serve_load benchmark")
 
@@ -361,7 +366,7 @@ def ann_recall(model: SessionModel, data: Workload, n_queries: int = 500) -> dic
     """Exact versus the HNSW index the service would build (tuned as `make_servable` tunes it), on real replayed
     session prefixes: recall@100 and single-query search time."""
     from sessionrec.serving.candidates import REQUIRED_RECALL, exact_index, hnsw_index, recall_at, single_threaded
-    from sessionrec.serving.model_provider import ANN_TUNING_QUERIES
+    from sessionrec.serving.candidates import ANN_TUNING_QUERIES
 
     vectors = model.item_embeddings()
     if vectors is None:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from sessionrec.ops.models.base import FitReport, SessionModel
     from sessionrec.ops.sessiondata import ItemIndex
+    from sessionrec.serving.candidates import CandidateIndex
 
 #: MLflow's limit on a parameter value; longer values are cut in the params table (params.json keeps them whole).
 MAX_PARAM_CHARS = 6000
@@ -206,6 +207,7 @@ class TrackingStore:
         tags: dict[str, str],
         *,
         item_popularity: np.ndarray | None = None,
+        candidates: CandidateIndex | None = None,
     ) -> RunRecord:
         """Log one trained model with everything needed to compare, reproduce and serve it.
 
@@ -214,6 +216,8 @@ class TrackingStore:
         override ``model.params()`` where both name the same key. ``item_popularity`` (training events per item,
         ``ops.evaluation.item_popularity(train)``) goes into the pyfunc: it answers sessions the model has nothing
         for (no known item, no neighbour). Pass it for every model whose empty-prefix scores are flat (kNN).
+        ``candidates`` (`serving.candidates.model_candidate_index`) is the FAISS index serving ranks the version's
+        candidates with; logged with it, the server loads it instead of building it in every process.
         """
         import mlflow
         import pandas as pd
@@ -251,6 +255,9 @@ class TrackingStore:
                 if item_popularity is not None:
                     pyfunc_model.save_popularity(item_popularity, tmp / "item_popularity.json")
                     model_artifacts[pyfunc_model.POPULARITY_ARTIFACT] = str(tmp / "item_popularity.json")
+                if candidates is not None:
+                    candidates.save(tmp / "candidates")
+                    model_artifacts[pyfunc_model.CANDIDATES_ARTIFACT] = str(tmp / "candidates")
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     python_model=pyfunc_model.__file__,

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
@@ -32,6 +32,9 @@ from sessionrec.ops.errors import SessionrecError
 from sessionrec.ops.models.base import Prefixes, SessionModel
 from sessionrec.ops.sessiondata import ItemIndex
 
+if TYPE_CHECKING:
+    from sessionrec.serving.candidates import CandidateIndex
+
 DEFAULT_K = 20
 #: Rows scored per call of ``SessionModel.score``: bounds the dense (rows, n_items) score matrix in memory.
 SCORE_CHUNK = 256
@@ -40,6 +43,7 @@ SCORE_CHUNK = 256
 MODEL_ARTIFACT = "model"
 ITEM_INDEX_ARTIFACT = "item_index"
 POPULARITY_ARTIFACT = "item_popularity"
+CANDIDATES_ARTIFACT = "candidates"  # the FAISS candidate index over the item embeddings (neural models)
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(Array("string"), "items"), ColSpec("long", "k", required=False)]),
@@ -76,6 +80,7 @@ class SessionRecommenderPyfunc(mlflow.pyfunc.PythonModel):
 
     model: SessionModel
     item_index: ItemIndex
+    candidates: CandidateIndex | None  # serving's candidate index, when it was logged with the version
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         from sessionrec.ops.models.registry import load_model
@@ -87,6 +92,12 @@ class SessionRecommenderPyfunc(mlflow.pyfunc.PythonModel):
             ItemIndex.load(Path(artifacts[ITEM_INDEX_ARTIFACT])),
             None if popularity is None else np.asarray(json.loads(Path(popularity).read_text()), dtype=np.float64),
         )
+        if CANDIDATES_ARTIFACT in artifacts:  # serving's index, read in full: the artifact directory is temporary
+            from sessionrec.serving.candidates import CandidateIndex
+
+            embeddings = self.model.item_embeddings()
+            if embeddings is not None:
+                self.candidates = CandidateIndex.load(Path(artifacts[CANDIDATES_ARTIFACT]), embeddings)
 
     def bind(self, model: SessionModel, item_index: ItemIndex, popularity: np.ndarray | None = None) -> None:
         """Attach a loaded model; scores the empty prefix once, so that a mismatch fails at load, not per request.
@@ -105,6 +116,7 @@ class SessionRecommenderPyfunc(mlflow.pyfunc.PythonModel):
                 f"trainings; log them together again"
             )
         self.model, self.item_index = model, item_index
+        self.candidates = None
         self._popularity = popularity
         self._empty_scores = self._informative(np.asarray(empty[0], dtype=np.float64))
 

@@ -25,22 +25,19 @@ import numpy as np
 from sessionrec.config import ServingConfig
 from sessionrec.ops.models.base import Prefixes, SessionModel
 from sessionrec.ops.sessiondata import ItemIndex
-from sessionrec.serving.candidates import build_candidate_index, single_threaded
+from sessionrec.serving.candidates import CandidateIndex, index_kind, model_candidate_index, single_threaded
 from sessionrec.serving.filters import ItemTable
 from sessionrec.serving.ranking import ServableModel
 from sessionrec.serving.routing import CHALLENGER, CHAMPION, VARIANTS
 
 log = logging.getLogger(__name__)
 
-#: Single-item sessions of this many popular items are the queries the ANN index is tuned on.
-ANN_TUNING_QUERIES = 256
-
-
 @dataclass(frozen=True)
 class LoadedVersion:
     model: SessionModel
     items: ItemIndex
     version: str
+    candidates: CandidateIndex | None = None  # the index logged with the version, if it was
 
 
 class ModelSource(Protocol):
@@ -73,7 +70,9 @@ class RegistrySource:
 
     def load(self, alias: str) -> LoadedVersion:
         loaded = self._open().load_alias(alias)
-        return LoadedVersion(loaded.model, loaded.item_index, str(loaded.version.version))
+        return LoadedVersion(
+            loaded.model, loaded.item_index, str(loaded.version.version), loaded.recommender.candidates
+        )
 
 
 @dataclass
@@ -123,12 +122,10 @@ def make_servable(loaded: LoadedVersion, alias: str, table: ItemTable, config: S
     now = time.time()
     empty = np.asarray(model.score(Prefixes([np.zeros(0, dtype=np.int64)], np.array([now])))[0], dtype=np.float64)
     rules = table.project(items, empty)
-    candidates = None
-    vectors = model.item_embeddings()
-    if vectors is not None:
-        probes = rules.popular_order[:ANN_TUNING_QUERIES]
-        queries = model.session_embeddings(Prefixes([np.array([i]) for i in probes], np.full(len(probes), now)))
-        candidates = build_candidate_index(vectors, config.ann_threshold_items, np.asarray(queries))
+    candidates = loaded.candidates
+    if candidates is None or candidates.kind != index_kind(len(items), config.ann_threshold_items):
+        # Not logged with the version (or logged for another ANN threshold): built here, tuned the same way.
+        candidates = model_candidate_index(model, rules.popular_order, config.ann_threshold_items)
     return ServableModel(model.name, loaded.version, alias, model, items, table, rules, candidates)
 
 

@@ -409,3 +409,24 @@ def test_gate_refuses_different_test_splits() -> None:
     assert not unlabelled.passed and "no dataset_fingerprint" in unlabelled.reasons[0]
     elsewhere = decide_promotion(_evaluation(0.9), None, _evaluation(0.2, "split-b"), GATE, 12.0)
     assert not elsewhere.passed and "popularity was measured on test split split-b" in elsewhere.reasons[0]
+
+
+def test_a_neural_version_carries_its_candidate_index(sqlite_uri: str, sqlite_store: TrackingStore, data: Data) -> None:
+    """Serving's FAISS index is logged with the version and comes back with it, searching exactly as before."""
+    from sessionrec.serving.candidates import model_candidate_index
+    from sessionrec.serving.model_provider import RegistrySource
+
+    model = create_model("gru4rec", layers=(16,), n_sample=64, max_epochs=1, progress=False, device="cpu")
+    report = model.fit(data.train)
+    popular = np.argsort(-item_popularity(data.train), kind="stable")
+    candidates = model_candidate_index(model, popular, ann_threshold=100)  # HNSW for this small catalogue
+    assert candidates is not None and candidates.kind == "hnsw"
+    evaluation = {"recall@20": 0.1, "mrr@20": 0.05}
+    run = sqlite_store.log_training_run(model, data.index, report, evaluation, {}, {"fingerprint": data.fingerprint},
+                                        {}, candidates=candidates)
+    registry = Registry(sqlite_uri, "neural-model")
+    registry.promote(registry.register(run, evaluation, data.fingerprint), "a neural champion")
+    loaded = RegistrySource(sqlite_uri, "neural-model").load(CHAMPION)
+    assert loaded.candidates is not None and loaded.candidates.params == candidates.params
+    queries = model.session_embeddings(Prefixes([np.array([i]) for i in range(20)], np.zeros(20)))
+    assert np.array_equal(loaded.candidates.search(queries, 30)[0], candidates.search(queries, 30)[0])

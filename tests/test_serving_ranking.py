@@ -21,15 +21,19 @@ import pytest
 from sessionrec.config import ServingConfig
 from sessionrec.ops.models.base import FitReport, Prefixes, SessionModel
 from sessionrec.ops.models.registry import create_model
+from sessionrec.ops.errors import SessionrecError
 from sessionrec.ops.sessiondata import ItemIndex, SessionData, read_split_tsv
 from sessionrec.serving.candidates import (
     DEFAULT_RECALL_TARGET,
     REQUIRED_RECALL,
+    CandidateIndex,
     exact_index,
     hnsw_index,
+    model_candidate_index,
     recall_at,
 )
 from sessionrec.serving.filters import ItemRulesError, ItemTable
+from sessionrec.serving import model_provider
 from sessionrec.serving.model_provider import LoadedVersion, make_servable
 from sessionrec.serving.ranking import (
     FALLBACK_EMPTY,
@@ -316,6 +320,29 @@ def test_ann_index_reaches_the_recall_target(data: Data, gru: SessionModel) -> N
     # Above the threshold the service builds the ANN index by itself.
     big = servable(gru, data, config=ServingConfig(candidates=100, ann_threshold_items=100))
     assert big.candidates.kind == "hnsw" and big.candidates.recall >= DEFAULT_RECALL_TARGET
+
+
+def test_the_index_logged_with_a_version_is_loaded_not_rebuilt(
+    data: Data, gru: SessionModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = ServingConfig(candidates=100, ann_threshold_items=100)
+    popular = np.argsort(-np.bincount(data.train.items, minlength=len(data.index)), kind="stable")
+    built = model_candidate_index(gru, popular, config.ann_threshold_items)
+    assert built is not None and built.kind == "hnsw"
+    built.save(tmp_path / "candidates")
+    loaded = CandidateIndex.load(tmp_path / "candidates", gru.item_embeddings())
+    assert (loaded.kind, loaded.params, loaded.recall) == (built.kind, built.params, built.recall)
+    queries = gru.session_embeddings(Prefixes([data.index.encode(s)[0] for s in data.sessions[:50]], np.zeros(50)))
+    assert np.array_equal(loaded.search(queries, 50)[0], built.search(queries, 50)[0])
+    # make_servable takes it as it is; it builds one only when the version has none or one of another kind.
+    monkeypatch.setattr(model_provider, "model_candidate_index", lambda *_: pytest.fail("rebuilt the index"))
+    version = LoadedVersion(gru, data.index, "1", loaded)
+    assert make_servable(version, "champion", ItemTable(), config).candidates is loaded
+    monkeypatch.undo()
+    exact = make_servable(version, "champion", ItemTable(), ServingConfig(candidates=100)).candidates
+    assert exact is not None and exact.kind == "exact"  # 20k threshold: this catalogue gets the exact index
+    with pytest.raises(SessionrecError, match="different trainings"):  # another version's embeddings
+        CandidateIndex.load(tmp_path / "candidates", gru.item_embeddings()[:-1])
 
 
 def test_bad_item_tables_are_refused(tmp_path: Path) -> None:
