@@ -84,7 +84,7 @@ def _child(argv: list[str]) -> None:
         settings = Settings.model_validate_json(Path(argv[2]).read_text())
         source = RegistrySource(settings.tracking_uri, settings.tracking.registered_model)
         app = RecommenderApp(settings, lambda: source)
-        uvicorn.run(app.app, host="127.0.0.1", port=int(argv[1]), log_level="warning", access_log=False)
+        uvicorn.run(app, host="127.0.0.1", port=int(argv[1]), log_level="warning", access_log=False)
 
 
 # -- data and model ---------------------------------------------------------------------------------------------

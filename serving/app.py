@@ -27,7 +27,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from sessionrec.config import Settings
 from sessionrec.serving import api_models as am
@@ -102,7 +102,8 @@ Handler = Callable[[Request], Awaitable[tuple[Response, str]]]
 
 
 class RecommenderApp:
-    """The API bound to one runtime; ``app`` is the ASGI application (its lifespan starts and stops it)."""
+    """The API bound to one runtime, an ASGI application (the lifespan of its ``starlette`` app starts and stops
+    the runtime)."""
 
     def __init__(self, settings: Settings, make_source: Callable[[], ModelSource]) -> None:
         self.settings = settings
@@ -129,9 +130,8 @@ class RecommenderApp:
             ],
             lifespan=self._lifespan,
         )
-        self.app: ASGIApp = self._asgi
 
-    async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI entry. The hot endpoints are called directly: Starlette's router and its two exception
         middlewares cost ~7% of a `/recommend`, and `_endpoint` already answers every exception itself. Everything
         else (the other paths, their 404/405, the lifespan) goes through the Starlette app."""

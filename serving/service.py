@@ -74,4 +74,4 @@ class Recommender:
     """Session-based recommendations from the champion (and canary challenger) of the model registry."""
 
 
-Recommender.add_asgi_middleware(ApiFirst, api=api.app)
+Recommender.add_asgi_middleware(ApiFirst, api=api)

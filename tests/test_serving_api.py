@@ -77,7 +77,7 @@ def serving(
     settings: Settings, source: StaticSource, ready: bool = True
 ) -> Iterator[tuple[TestClient, RecommenderApp]]:
     api = RecommenderApp(settings, lambda: source)
-    with TestClient(api.app) as client:
+    with TestClient(api) as client:
         if ready:
             deadline = time.monotonic() + 30
             while client.get("/readyz").status_code != 200:
@@ -133,7 +133,7 @@ def test_authentication(models: Models, tmp_path: Path) -> None:
 def test_no_api_keys_refuses_to_start(tmp_path: Path, models: Models) -> None:
     api = RecommenderApp(_settings(tmp_path, api_keys=()), lambda: _source(models))
     with pytest.raises(Exception, match="SESSIONREC_API_KEYS"):
-        with TestClient(api.app):
+        with TestClient(api):
             pass
 
 

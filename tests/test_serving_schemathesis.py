@@ -54,7 +54,7 @@ def base_url(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
                  "rate_limit_per_minute": 10_000_000, "latency_budget_ms": 2_000.0},
     )
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(RecommenderApp(settings_, lambda: source).app, host="127.0.0.1",
+    server = uvicorn.Server(uvicorn.Config(RecommenderApp(settings_, lambda: source), host="127.0.0.1",
                                            port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
