@@ -80,7 +80,7 @@ class SessionRecommenderPyfunc(mlflow.pyfunc.PythonModel):
 
     model: SessionModel
     item_index: ItemIndex
-    candidates: CandidateIndex | None  # serving's candidate index, when it was logged with the version
+    candidates: CandidateIndex | None = None  # serving's candidate index, when it was logged with the version
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         from sessionrec.ops.models.registry import load_model

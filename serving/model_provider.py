@@ -70,9 +70,9 @@ class RegistrySource:
 
     def load(self, alias: str) -> LoadedVersion:
         loaded = self._open().load_alias(alias)
-        return LoadedVersion(
-            loaded.model, loaded.item_index, str(loaded.version.version), loaded.recommender.candidates
-        )
+        # A version logged by an earlier release runs the pyfunc code logged with it, which has no index.
+        candidates = getattr(loaded.recommender, "candidates", None)
+        return LoadedVersion(loaded.model, loaded.item_index, str(loaded.version.version), candidates)
 
 
 @dataclass

@@ -430,3 +430,20 @@ def test_a_neural_version_carries_its_candidate_index(sqlite_uri: str, sqlite_st
     assert loaded.candidates is not None and loaded.candidates.params == candidates.params
     queries = model.session_embeddings(Prefixes([np.array([i]) for i in range(20)], np.zeros(20)))
     assert np.array_equal(loaded.candidates.search(queries, 30)[0], candidates.search(queries, 30)[0])
+
+
+def test_a_version_logged_before_candidate_indexes_still_loads(
+    monkeypatch: pytest.MonkeyPatch, data: Data, tmp_path: Path
+) -> None:
+    """Models are logged as code: an old version's pyfunc is the old code, without a `candidates` attribute."""
+    from types import SimpleNamespace
+
+    from sessionrec.serving.model_provider import RegistrySource
+
+    model = create_model("pop")
+    model.fit(data.train)
+    old = SimpleNamespace(recommender=SimpleNamespace(), model=model, item_index=data.index,
+                          version=SimpleNamespace(version="3"))
+    monkeypatch.setattr(Registry, "load_alias", lambda self, alias: old)
+    loaded = RegistrySource(f"sqlite:///{tmp_path / 'mlflow.db'}", "any").load(CHAMPION)
+    assert (loaded.version, loaded.candidates) == ("3", None)
