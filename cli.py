@@ -338,7 +338,9 @@ def _demo_requests(settings: Settings, test_split: Path, n_sessions: int = 3) ->
     from sessionrec.serving.server import serve_command, serve_environment
 
     key = secrets.token_urlsafe(16)
-    settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"api_keys": (key,)})})
+    # One worker: a few requests need no second process, and the first /readyz then speaks for the whole server.
+    serving = settings.serving.model_copy(update={"api_keys": (key,), "workers": 1})
+    settings = settings.model_copy(update={"serving": serving})
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
