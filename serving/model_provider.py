@@ -32,6 +32,7 @@ from sessionrec.serving.routing import CHALLENGER, CHAMPION, VARIANTS
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class LoadedVersion:
     model: SessionModel
