@@ -155,13 +155,13 @@ def challenger_beats_baselines(sessionrec: SessionrecResource, model_evaluation:
           "registered as a new version with the alias `challenger`.")
 def registered_model(context: dg.AssetExecutionContext, sessionrec: SessionrecResource,
                      model_evaluation: dict[str, Any]) -> dg.Output[dict[str, Any]]:
+    import numpy as np
+
     from sessionrec.integrations.mlflow_registry import Registry
     from sessionrec.integrations.mlflow_tracking import TrackingStore
     from sessionrec.ops.evaluation import item_popularity
     from sessionrec.ops.models.base import FitReport
     from sessionrec.ops.models.registry import load_model
-    import numpy as np
-
     from sessionrec.ops.sessiondata import ItemIndex, SessionData, read_split_tsv
     from sessionrec.serving.candidates import model_candidate_index
 

@@ -46,6 +46,7 @@ import numpy as np
 import polars as pl
 
 from sessionrec.config import GeneratorConfig, Settings
+from sessionrec.ops.evaluation import item_popularity
 from sessionrec.ops.models.base import FitReport, Prefixes, SessionModel
 from sessionrec.ops.models.registry import create_model
 from sessionrec.ops.sessiondata import ItemIndex, SessionData, read_split_tsv
@@ -157,7 +158,7 @@ def register(model: SessionModel, data: Workload, settings: Settings) -> None:
 
     store = TrackingStore(settings.tracking_uri, settings.artifacts_dir, settings.tracking.experiment)
     evaluation = {"dataset_fingerprint": "serve-load-benchmark"}
-    popular = np.argsort(-np.bincount(data.train.items, minlength=len(data.index)), kind="stable")
+    popular = np.argsort(-item_popularity(data.train), kind="stable")
     candidates = model_candidate_index(model, popular, settings.serving.ann_threshold_items)
     run = store.log_training_run(model, data.index, FitReport(), evaluation, {}, {"fingerprint": "serve-load"}, {},
                                  candidates=candidates)
@@ -372,8 +373,7 @@ def ann_recall(model: SessionModel, data: Workload, n_queries: int = 500) -> dic
     if vectors is None:
         return None
     single_threaded()
-    counts = np.bincount(data.train.items, minlength=len(data.index))
-    popular = np.argsort(-counts, kind="stable")[:ANN_TUNING_QUERIES]
+    popular = np.argsort(-item_popularity(data.train), kind="stable")[:ANN_TUNING_QUERIES]
     tuning = model.session_embeddings(Prefixes([np.array([i]) for i in popular], np.zeros(len(popular))))
     rng = random.Random(1)
     prefixes = []

@@ -116,7 +116,6 @@ class SessionRecommenderPyfunc(mlflow.pyfunc.PythonModel):
                 f"trainings; log them together again"
             )
         self.model, self.item_index = model, item_index
-        self.candidates = None
         self._popularity = popularity
         self._empty_scores = self._informative(np.asarray(empty[0], dtype=np.float64))
 

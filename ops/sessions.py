@@ -104,11 +104,11 @@ def _sessionize(
     # Arrival order inside each key (one sort of integers); a key's first arrival orders the keys.
     narrow = _sort_by_first_then_seq(narrow).with_columns(_segment_start("_first").alias("_start"))
     decreases = narrow.select(((pl.col("_ts") < pl.col("_ts").shift(1)) & ~pl.col("_start")).any()).item()
-    # Lateness is measured per key, so a shared hash must be found before late events are filtered out; without
-    # late events the check runs on the output's own columns below, at no extra gather.
-    if decreases and _keys_collide(events.select(pl.col("session_id", "user_id").gather(narrow["_row"])), narrow):
-        return None
     if decreases:  # some event arrived behind a newer one of its key: measure by how much (rare, slower path)
+        # Lateness is measured per key, so a shared hash must be found before late events are filtered out;
+        # without late events the check runs on the output's own columns below, at no extra gather.
+        if _keys_collide(events.select(pl.col("session_id", "user_id").gather(narrow["_row"])), narrow):
+            return None
         behind = (pl.col("_ts").cum_max().shift(1).over("_first") - pl.col("_ts")).clip(lower_bound=0).fill_null(0)
     else:
         behind = pl.lit(0, dtype=pl.Int64)
